@@ -1,0 +1,166 @@
+"""`POST /api/chat/custom`: chatbot-ui's custom-model route, byte for byte, minus its defects.
+
+The answer is plain text: the `choices[0].delta.content` strings in order, each upstream read
+flushed as one write, with the leading whitespace of the whole answer trimmed (as ai@2's
+`StreamingTextResponse(OpenAIStream(...))` did). Errors before the first byte are JSON
+`{"message"}` with the upstream's status; errors after it abort the response.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiohttp
+import orjson
+
+from chatgate.api.asgi import Receive, Scope, Send, parse_json, read_body
+from chatgate.api.relay import run_chat
+from chatgate.errors import BadRequest, ChatgateError, UpstreamProtocolError, UpstreamStatus
+from chatgate.registry import parse_id
+from chatgate.runtime import Runtime
+from chatgate.trace import ChatTrace
+from chatgate.upstream.sse import DONE, SSEDecoder
+
+log = logging.getLogger("chatgate.chat")
+
+TEXT_HEADERS = [(b"content-type", b"text/plain; charset=utf-8")]
+# JavaScript's String.prototype.trimStart set: WhiteSpace and LineTerminator, BOM included.
+_JS_WHITESPACE = "\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"  # noqa: E501
+
+_API_KEY_NOT_FOUND = "Custom API Key not found. Please set it in your profile settings."
+_API_KEY_INCORRECT = "Custom API Key is incorrect. Please fix it in your profile settings."
+
+
+def seed_message(exc: ChatgateError) -> str:
+    """The `message` chatbot-ui's route answered with: openai-node's `"{status} {message}"`
+    for upstream errors, and its two rewrites for key errors."""
+    message = exc.message
+    if isinstance(exc, UpstreamStatus):
+        message = f"{exc.status} {message}" if message else f"{exc.status} status code (no body)"
+    lowered = message.lower()
+    if "api key not found" in lowered:
+        return _API_KEY_NOT_FOUND
+    if "incorrect api key" in lowered:
+        return _API_KEY_INCORRECT
+    return message
+
+
+def render_error(exc: ChatgateError) -> dict[str, Any]:
+    return {"message": seed_message(exc)}
+
+
+class CustomChat:
+    """The chat handler: `(scope, receive, send, trace)`; errors before the first byte are
+    raised for the gateway to render with `render_error`."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, trace: ChatTrace) -> None:
+        runtime = self._runtime
+        principal = await runtime.authenticate(scope)
+        trace.user_id = principal.user_id
+        body = parse_json(await read_body(scope, receive, runtime.settings.max_body_bytes))
+        model_ref, payload = _upstream_payload(body)
+        record = await runtime.model_for_chat(principal, model_ref)
+        payload.setdefault("model", record.model_id)
+        # model first, as openai-node built it; dicts keep insertion order.
+        payload = {"model": payload.pop("model"), **payload}
+
+        async def relay(response: aiohttp.ClientResponse) -> None:
+            decoder = SSEDecoder()
+            at_start = True
+            async for chunk in response.content.iter_any():
+                parts: list[str] = []
+                finished = False
+                for event in decoder.feed(chunk):
+                    if event.data == DONE:
+                        finished = True
+                        break
+                    text = _delta_text(event.data)
+                    if text:
+                        parts.append(text)
+                if parts:
+                    text = "".join(parts)
+                    if at_start:
+                        text = text.lstrip(_JS_WHITESPACE)
+                        at_start = not text
+                    if text:
+                        data = text.encode()
+                        if not trace.started:
+                            trace.first_byte()
+                            await send(
+                                {"type": "http.response.start", "status": 200, "headers": TEXT_HEADERS}
+                            )
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                        trace.bytes_out += len(data)
+                if finished:
+                    break
+            if not trace.started:
+                trace.first_byte()
+                await send({"type": "http.response.start", "status": 200, "headers": TEXT_HEADERS})
+            await send({"type": "http.response.body", "body": b""})
+            trace.status = 200
+
+        await run_chat(runtime, receive, trace, record, payload, relay)
+
+
+def _delta_text(data: bytes) -> str | None:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamProtocolError("The model server sent an event that is not JSON") from exc
+    if not isinstance(obj, dict):
+        raise UpstreamProtocolError("The model server sent an event that is not a JSON object")
+    error = obj.get("error")
+    if error is not None:
+        raise UpstreamStatus(502, _in_band_message(error))
+    choices = obj.get("choices")
+    if not choices or not isinstance(choices, list):
+        return None  # a usage-only chunk, or a keep-alive object
+    first = choices[0]
+    delta = first.get("delta") if isinstance(first, dict) else None
+    content = delta.get("content") if isinstance(delta, dict) else None
+    return content if isinstance(content, str) else None
+
+
+def _in_band_message(error: object) -> str:
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    return error if isinstance(error, str) else orjson.dumps(error).decode()
+
+
+def _upstream_payload(body: object) -> tuple[object, dict[str, Any]]:
+    """Check the seed's body and build the upstream request (the model id is resolved later)."""
+    if not isinstance(body, dict):
+        raise BadRequest("Request body must be a JSON object")
+    settings = body.get("chatSettings")
+    if settings is None:
+        raise BadRequest("chatSettings is required", param="chatSettings")
+    if not isinstance(settings, dict):
+        raise BadRequest("chatSettings must be an object", param="chatSettings")
+    messages = body.get("messages")
+    if messages is None:
+        raise BadRequest("messages is required", param="messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise BadRequest("messages must be an array of message objects", param="messages")
+    model_ref = body.get("customModelId")
+    if model_ref is None:
+        raise BadRequest("customModelId is required", param="customModelId")
+    if not isinstance(model_ref, str):
+        raise BadRequest("customModelId must be a string", param="customModelId")
+    payload: dict[str, Any] = {}
+    model = settings.get("model")
+    if model is not None:
+        if not isinstance(model, str):
+            raise BadRequest("chatSettings.model must be a string", param="chatSettings.model")
+        payload["model"] = model
+    payload["messages"] = messages
+    temperature = settings.get("temperature")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+            raise BadRequest("chatSettings.temperature must be a number", param="chatSettings.temperature")
+        payload["temperature"] = temperature
+    payload["stream"] = True
+    return parse_id(model_ref), payload

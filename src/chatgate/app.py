@@ -1,0 +1,106 @@
+"""The ASGI application: a thin dispatcher that sends the two chat routes down a pure-ASGI
+hot path and everything else to the FastAPI control plane.
+
+This is the one boundary where an unexpected exception is caught: it is logged with the
+request id and answered 500 without internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from chatgate.api import chat_custom
+from chatgate.api.asgi import ClientGone, Receive, Scope, Send, send_json
+from chatgate.api.control import build_control_app
+from chatgate.config import Settings
+from chatgate.errors import ChatgateError
+from chatgate.runtime import Runtime
+from chatgate.trace import ChatTrace
+
+log = logging.getLogger("chatgate")
+
+ChatHandler = Callable[[Scope, Receive, Send, ChatTrace], Awaitable[None]]
+ErrorRenderer = Callable[[ChatgateError], Any]
+
+UNEXPECTED = "An unexpected error occurred"
+
+
+class Gateway:
+    """The ASGI app. `runtime` exists between lifespan start-up and shut-down."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime: Runtime | None = None
+        self.control = build_control_app()
+        self._chats: dict[str, tuple[ChatHandler, ErrorRenderer]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            chat = self._chats.get(scope["path"])
+            if chat is not None:
+                await self._chat(chat[0], chat[1], scope, receive, send)
+                return
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        await self.control(scope, receive, send)
+
+    async def _chat(
+        self, handler: ChatHandler, render: ErrorRenderer, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        trace = ChatTrace()
+        headers = [(b"x-request-id", trace.request_id.encode())]
+        try:
+            await handler(scope, receive, send, trace)
+        except ClientGone:
+            trace.client_gone = True
+        except ChatgateError as exc:
+            trace.status, trace.error = exc.status, exc.message
+            if not trace.started:
+                extra = (
+                    [(b"retry-after", str(exc.retry_after).encode())] if hasattr(exc, "retry_after") else []
+                )
+                await send_json(send, exc.status, render(exc), headers + extra)
+        except Exception:
+            # The one broad catch: whatever escaped is a bug; the client learns nothing of it.
+            log.exception("request %s: unexpected error", trace.request_id)
+            trace.status, trace.error = 500, UNEXPECTED
+            if not trace.started:
+                await send_json(send, 500, render(ChatgateError(UNEXPECTED)), headers)
+        finally:
+            trace.finish()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        runtime = await Runtime.start(self.settings)
+        self.runtime = runtime
+        self.control.state.runtime = runtime
+        self._chats = {
+            "/api/chat/custom": (chat_custom.CustomChat(runtime), chat_custom.render_error),
+        }
+
+    async def shutdown(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.close()
+            self.runtime = None
+
+
+def create_app(settings: Settings) -> Gateway:
+    return Gateway(settings)

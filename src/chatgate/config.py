@@ -1,0 +1,60 @@
+"""Settings: one frozen, typed object built once at start-up and passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+class Settings(BaseSettings):
+    """Every setting chatgate reads, from `CHATGATE_*` variables or a `.env` file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CHATGATE_", env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    database_url: str = "sqlite:///./chatgate.db"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Where the generated secrets (key file, first admin token) live in the embedded setup.
+    data_dir: Path = Path(".")
+
+    # Upstream timeouts, in seconds.
+    connect_timeout: float = Field(10.0, gt=0)
+    first_byte_timeout: float = Field(60.0, gt=0)
+    idle_timeout: float = Field(60.0, gt=0)
+    upstream_max_connections: int = Field(1000, ge=1)
+
+    # Size of the in-process model cache (entries) and its safety-net TTL (seconds).
+    model_cache_size: int = Field(1024, ge=1)
+    model_cache_ttl: float = Field(30.0, gt=0)
+
+    # Largest request body accepted, in bytes.
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+
+    # Apply pending migrations when the server starts.
+    migrate_on_start: bool = True
+
+    # Keys at rest: a urlsafe-base64 32-byte key; empty means the embedded key file.
+    secret_key: SecretStr = SecretStr("")
+
+    allow_private_upstreams: bool = False
+    upstream_allowlist: str = ""
+
+    workers: int = Field(1, ge=1)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment (and `.env`), with explicit overrides on top."""
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,123 @@
+"""The errors chatgate answers with, each carrying its HTTP status.
+
+ChatgateError
+ ├── ClientError                 the caller must change something
+ │    ├── BadRequest             400: malformed body, missing or mistyped field
+ │    ├── Unauthorized           401: missing or wrong credential
+ │    ├── NotFound               404: no such thing, or not yours
+ │    ├── PayloadTooLarge        413
+ │    └── RateLimited            429, with Retry-After
+ ├── UpstreamError               the model server failed us
+ │    ├── UpstreamStatus         the upstream's own HTTP error, status passed through
+ │    ├── UpstreamUnreachable    502: connect failed, connection reset before an answer
+ │    ├── UpstreamProtocolError  502: the answer was not what an OpenAI server sends
+ │    └── UpstreamTimeout        504: no first byte, or idle too long
+ └── ServiceUnavailable          503: our own database is down
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ChatgateError(Exception):
+    """Base of every error chatgate renders; `status` is the HTTP status to answer with."""
+
+    status: int = 500
+    code: str = "internal_error"
+    type: str = "api_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class ClientError(ChatgateError):
+    status = 400
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+
+class BadRequest(ClientError):
+    pass
+
+
+class Unauthorized(ClientError):
+    status = 401
+    code = "invalid_credentials"
+    type = "authentication_error"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "not_found"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    code = "payload_too_large"
+
+
+class RateLimited(ClientError):
+    status = 429
+    code = "rate_limited"
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UpstreamError(ChatgateError):
+    status = 502
+    code = "upstream_error"
+    type = "upstream_error"
+
+
+class UpstreamStatus(UpstreamError):
+    """The upstream answered an HTTP error; its status and message are passed through."""
+
+    def __init__(self, status: int, message: str, *, body: bytes = b"") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class UpstreamUnreachable(UpstreamError):
+    code = "upstream_unreachable"
+
+
+class UpstreamProtocolError(UpstreamError):
+    code = "upstream_protocol_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class ServiceUnavailable(ChatgateError):
+    status = 503
+    code = "service_unavailable"
+    type = "api_error"
+
+
+class ValidationFailed(ClientError):
+    """A body that does not fit the schema; each error names the field and the limit."""
+
+    status = 422
+    code = "validation_failed"
+
+    def __init__(self, message: str, errors: list[dict[str, str]]) -> None:
+        super().__init__(message, param=errors[0]["field"] if errors else None)
+        self.errors = errors
+
+    @classmethod
+    def from_pydantic(cls, exc: Any) -> ValidationFailed:
+        errors = []
+        for err in exc.errors(include_url=False, include_input=False):
+            where = ".".join(str(part) for part in err["loc"]) or "body"
+            errors.append({"field": where, "message": err["msg"]})
+        summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return cls(f"Invalid request: {summary}", errors)

@@ -1,0 +1,269 @@
+"""The model registry: what a user may register, and how the chat path finds a model fast.
+
+Writes validate (limits of chatbot-ui's table, URL policy), encrypt the API key, and invalidate
+the in-process cache; reads on the chat path go through that cache.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, Protocol
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatgate.cache import LRUCache
+from chatgate.errors import NotFound, ValidationFailed
+from chatgate.security.crypto import mask
+from chatgate.store.schema import models as models_table
+
+Sharing = Literal["private", "public", "unlisted"]
+
+
+class KeyCipher(Protocol):
+    """How API keys are sealed at rest (see `security.crypto.KeyRing`)."""
+
+    def encrypt(self, plaintext: str) -> str: ...
+    def decrypt(self, stored: str) -> str: ...
+
+
+def _text(limit: int, *, required: bool = False) -> Any:
+    return Annotated[str, StringConstraints(max_length=limit, min_length=1 if required else 0)]
+
+
+class ModelCreate(BaseModel):
+    """A new model, as a user registers it."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    name: _text(100, required=True)  # type: ignore[valid-type]
+    base_url: _text(1000)  # type: ignore[valid-type]
+    model_id: _text(1000, required=True)  # type: ignore[valid-type]
+    api_key: _text(1000) = ""  # type: ignore[valid-type]
+    description: _text(500) = ""  # type: ignore[valid-type]
+    context_length: int = Field(4096, ge=1, le=10_000_000)
+    sharing: Sharing = "private"
+    folder_id: uuid.UUID | None = None
+
+
+class ModelUpdate(BaseModel):
+    """A partial change: only the fields given are written."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    name: _text(100, required=True) | None = None  # type: ignore[valid-type]
+    base_url: _text(1000) | None = None  # type: ignore[valid-type]
+    model_id: _text(1000, required=True) | None = None  # type: ignore[valid-type]
+    api_key: _text(1000) | None = None  # type: ignore[valid-type]
+    description: _text(500) | None = None  # type: ignore[valid-type]
+    context_length: int | None = Field(None, ge=1, le=10_000_000)
+    sharing: Sharing | None = None
+    folder_id: uuid.UUID | None = None
+
+
+def parse_input(schema: type[BaseModel], data: object) -> Any:
+    """Validate `data` against `schema`; a failure names each field and its limit."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationFailed.from_pydantic(exc) from None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """One registered model, with its API key in clear (never rendered: see `public()`)."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    name: str
+    base_url: str
+    model_id: str
+    api_key: str = field(repr=False)
+    description: str = ""
+    context_length: int = 4096
+    sharing: str = "private"
+    folder_id: uuid.UUID | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def public(self) -> dict[str, Any]:
+        """The form every response and table shows: the key masked."""
+        return {
+            "id": str(self.id),
+            "user_id": str(self.user_id),
+            "folder_id": str(self.folder_id) if self.folder_id else None,
+            "name": self.name,
+            "base_url": self.base_url,
+            "model_id": self.model_id,
+            "api_key": mask(self.api_key),
+            "description": self.description,
+            "context_length": self.context_length,
+            "sharing": self.sharing,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "updated_at": self.updated_at.isoformat() if self.updated_at else None,
+        }
+
+
+def parse_id(value: object) -> uuid.UUID:
+    """A model id from the wire; anything that is not a UUID is a model that does not exist."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise NotFound("Model not found")
+
+
+class Registry:
+    """Create, read, update and delete models; `for_chat` is the cached hot-path lookup."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        cipher: KeyCipher,
+        *,
+        check_url: Callable[[str], Awaitable[None]],
+        cache: LRUCache[uuid.UUID, ModelRecord],
+        on_change: Callable[[uuid.UUID], Awaitable[None]] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._cipher = cipher
+        self._check_url = check_url
+        self._cache = cache
+        self._on_change = on_change
+
+    async def create(self, owner: uuid.UUID, data: ModelCreate) -> ModelRecord:
+        await self._check_url(data.base_url)
+        now = datetime.now(UTC)
+        record = ModelRecord(
+            id=uuid.uuid4(),
+            user_id=owner,
+            name=data.name,
+            base_url=data.base_url,
+            model_id=data.model_id,
+            api_key=data.api_key,
+            description=data.description,
+            context_length=data.context_length,
+            sharing=data.sharing,
+            folder_id=data.folder_id,
+            created_at=now,
+            updated_at=now,
+        )
+        values = {
+            "id": record.id,
+            "user_id": owner,
+            "folder_id": record.folder_id,
+            "created_at": now,
+            "updated_at": now,
+            "sharing": record.sharing,
+            "api_key": self._cipher.encrypt(record.api_key),
+            "base_url": record.base_url,
+            "description": record.description,
+            "model_id": record.model_id,
+            "name": record.name,
+            "context_length": record.context_length,
+        }
+        async with self._engine.begin() as conn:
+            await conn.execute(models_table.insert().values(**values))
+        return record
+
+    async def get(self, model_id: uuid.UUID) -> ModelRecord:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(models_table.select().where(models_table.c.id == model_id))).first()
+        if row is None:
+            raise NotFound("Model not found")
+        return self._record(row._mapping)
+
+    async def list(self, *, visible_to: uuid.UUID | None = None) -> list[ModelRecord]:
+        """All models, or only those `visible_to` a user: their own and the shared ones."""
+        query = models_table.select().order_by(models_table.c.created_at, models_table.c.id)
+        if visible_to is not None:
+            query = query.where(
+                sa.or_(models_table.c.user_id == visible_to, models_table.c.sharing != "private")
+            )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [self._record(row._mapping) for row in rows]
+
+    async def update(self, model_id: uuid.UUID, data: ModelUpdate) -> ModelRecord:
+        changes = data.model_dump(exclude_unset=True)
+        if "base_url" in changes:
+            await self._check_url(changes["base_url"])
+        nullable = {"folder_id"}
+        for key in [k for k, v in changes.items() if v is None and k not in nullable]:
+            del changes[key]
+        current = await self.get(model_id)
+        if not changes:
+            return current
+        now = datetime.now(UTC)
+        values = dict(changes, updated_at=now)
+        if "api_key" in values:
+            values["api_key"] = self._cipher.encrypt(values["api_key"])
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                models_table.update().where(models_table.c.id == model_id).values(**values)
+            )
+        if result.rowcount == 0:
+            raise NotFound("Model not found")
+        await self._changed(model_id)
+        return replace(current, **changes, updated_at=now)
+
+    async def delete(self, model_id: uuid.UUID) -> None:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(models_table.delete().where(models_table.c.id == model_id))
+        if result.rowcount == 0:
+            raise NotFound("Model not found")
+        await self._changed(model_id)
+
+    async def for_chat(self, model_id: uuid.UUID) -> ModelRecord:
+        """The model to relay a chat to, from the cache when it is there."""
+        record = self._cache.get(model_id)
+        if record is None:
+            record = await self.get(model_id)
+            self._cache.put(model_id, record)
+        return record
+
+    def invalidate(self, model_id: uuid.UUID | None = None) -> None:
+        """Forget a cached model (or all of them): called on writes, here or elsewhere."""
+        if model_id is None:
+            self._cache.clear()
+        else:
+            self._cache.discard(model_id)
+
+    async def _changed(self, model_id: uuid.UUID) -> None:
+        self.invalidate(model_id)
+        if self._on_change is not None:
+            await self._on_change(model_id)
+
+    def _record(self, row: Any) -> ModelRecord:
+        return ModelRecord(
+            id=_uuid(row["id"]),
+            user_id=_uuid(row["user_id"]),
+            name=row["name"],
+            base_url=row["base_url"],
+            model_id=row["model_id"],
+            api_key=self._cipher.decrypt(row["api_key"]),
+            description=row["description"],
+            context_length=row["context_length"],
+            sharing=row["sharing"],
+            folder_id=_uuid(row["folder_id"]) if row["folder_id"] is not None else None,
+            created_at=_aware(row["created_at"]),
+            updated_at=_aware(row["updated_at"]),
+        )
+
+
+def _uuid(value: Any) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; chatgate writes UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value

@@ -1,0 +1,1 @@
+"""Persistence: the database engine, the schema, its migrations and the repositories."""

@@ -1,0 +1,27 @@
+"""The tables as SQLAlchemy Core metadata: how code reads them. The migrations create them.
+
+`models` keeps chatbot-ui's columns and limits so that chatgate can use a chatbot-ui table as it is.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+models = sa.Table(
+    "models",
+    metadata,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    sa.Column("user_id", sa.Uuid(), nullable=False),
+    sa.Column("folder_id", sa.Uuid(), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("sharing", sa.Text(), nullable=False, server_default="private"),
+    sa.Column("api_key", sa.Text(), nullable=False),
+    sa.Column("base_url", sa.Text(), nullable=False),
+    sa.Column("description", sa.Text(), nullable=False),
+    sa.Column("model_id", sa.Text(), nullable=False),
+    sa.Column("name", sa.Text(), nullable=False),
+    sa.Column("context_length", sa.Integer(), nullable=False, server_default="4096"),
+)

@@ -1,0 +1,42 @@
+"""What one chat did, gathered on the way and recorded once at the end (usage accounting)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class ChatTrace:
+    """Figures of one chat request; `first_byte()` marks the response as started."""
+
+    request_id: str = field(default_factory=new_request_id)
+    endpoint: str = ""
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    t0: float = field(default_factory=time.perf_counter)
+    model_id: uuid.UUID | None = None
+    user_id: uuid.UUID | None = None
+    status: int = 0
+    ttfb: float | None = None
+    duration: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    bytes_out: int = 0
+    client_gone: bool = False
+    error: str | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.ttfb is not None
+
+    def first_byte(self) -> None:
+        self.ttfb = time.perf_counter() - self.t0
+
+    def finish(self) -> None:
+        self.duration = time.perf_counter() - self.t0

@@ -1,0 +1,82 @@
+"""An incremental Server-Sent Events decoder for the relay's hot path.
+
+Hand-written because it runs once per upstream read on every streamed chat: it works on bytes,
+keeps only the unfinished tail between reads, and handles what real servers send: LF, CR and
+CRLF line ends (a CRLF may be split across two reads), comment lines such as `: ping`,
+multi-line `data:` fields, and events without a trailing blank line at end of stream.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+DONE = b"[DONE]"
+
+
+class Event(NamedTuple):
+    """One dispatched event: its `event:` name (empty for the default) and its data."""
+
+    event: bytes
+    data: bytes
+
+
+class SSEDecoder:
+    """Feed it network chunks; it returns the events each chunk completed."""
+
+    __slots__ = ("_data", "_event", "_skip_lf", "_tail")
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._skip_lf = False
+        self._data: list[bytes] = []
+        self._event = b""
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        """Decode one chunk and return the events it completed, in order."""
+        if self._skip_lf:
+            # The previous chunk ended in CR: a leading LF is the second half of that CRLF.
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if self._tail:
+            chunk = self._tail + chunk
+            self._tail = b""
+        if not chunk:
+            return []
+        lines = chunk.splitlines(keepends=True)
+        last = lines[-1]
+        if last[-1:] not in (b"\n", b"\r"):
+            self._tail = lines.pop()
+        elif last[-1:] == b"\r":
+            self._skip_lf = True
+        events: list[Event] = []
+        for raw in lines:
+            self._line(raw.rstrip(b"\r\n"), events)
+        return events
+
+    def flush(self) -> list[Event]:
+        """End of stream: dispatch what a well-behaved server would have ended with a blank line."""
+        events: list[Event] = []
+        if self._tail:
+            self._line(self._tail, events)
+            self._tail = b""
+        self._line(b"", events)
+        return events
+
+    def _line(self, line: bytes, events: list[Event]) -> None:
+        if not line:
+            if self._data:
+                events.append(Event(self._event, b"\n".join(self._data)))
+                self._data = []
+            self._event = b""
+            return
+        if line[:1] == b":":
+            return  # a comment: keep-alive pings and the like
+        field, sep, value = line.partition(b":")
+        if sep and value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            self._data.append(value)
+        elif field == b"event":
+            self._event = value
+        # `id` and `retry` mean nothing to a relay that does not reconnect.
