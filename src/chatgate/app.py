@@ -59,9 +59,7 @@ class Gateway:
         except ChatgateError as exc:
             trace.status, trace.error = exc.status, exc.message
             if not trace.started:
-                extra = (
-                    [(b"retry-after", str(exc.retry_after).encode())] if hasattr(exc, "retry_after") else []
-                )
+                extra = [(b"retry-after", str(exc.retry_after).encode())] if hasattr(exc, "retry_after") else []
                 await send_json(send, exc.status, render(exc), headers + extra)
         except Exception:
             # The one broad catch: whatever escaped is a bug; the client learns nothing of it.

@@ -1,24 +1,27 @@
-"""The `chatgate` command line: serve, and manage the registry on the local database directly."""
+"""The `chatgate` command line: serve, and manage the registry, users and keys on the local
+database directly (no token needed: whoever can run this can read the database anyway)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import sys
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chatgate.accounts import Accounts
 from chatgate.config import Settings, load_settings
 from chatgate.errors import ChatgateError
-from chatgate.registry import ModelCreate, ModelRecord, ModelUpdate, Registry, parse_id, parse_input
-from chatgate.runtime import build_registry, load_keyring
-from chatgate.security.principal import Principal
+from chatgate.registry import ModelCreate, ModelRecord, ModelUpdate, Registry, parse_id, parse_input, rotate_keys
+from chatgate.runtime import bootstrap_admin, build_registry
+from chatgate.security.keys import Keys
 from chatgate.store import db
 
 T = TypeVar("T")
@@ -26,14 +29,18 @@ M = TypeVar("M", bound=BaseModel)
 
 app = typer.Typer(help="chatgate: a gateway for chatting with your own models.", no_args_is_help=True)
 models_app = typer.Typer(help="Register and manage models.", no_args_is_help=True)
+users_app = typer.Typer(help="Users who may call chatgate.", no_args_is_help=True)
+tokens_app = typer.Typer(help="API tokens (shown once, stored as hashes).", no_args_is_help=True)
+keys_app = typer.Typer(help="The keys that encrypt API keys at rest.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(users_app, name="users")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 
-out = Console()
-err = Console(stderr=True)
-
-LOCAL_ADMIN = Principal(uuid.UUID(int=0), "local", is_admin=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _settings() -> Settings:
@@ -42,26 +49,73 @@ def _settings() -> Settings:
     except ValidationError as exc:
         for error in exc.errors(include_url=False, include_input=False):
             name = "CHATGATE_" + "_".join(str(p) for p in error["loc"]).upper()
-            err.print(f"[red]error:[/] {name}: {error['msg']}")
+            err.print(f"[red]error:[/] {name}: {error['msg']}", highlight=False)
         raise typer.Exit(2) from None
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except ChatgateError as exc:
-        err.print(f"[red]error:[/] {exc.message}", highlight=False)
-        raise typer.Exit(1) from None
+        raise _fail(exc.message) from None
+    except OSError as exc:
+        raise _fail(f"cannot open the database: {exc.strerror or exc}") from None
 
 
-async def _with_registry(action: Callable[[Registry], Awaitable[T]]) -> T:
+@dataclass
+class Local:
+    """The database, opened by a CLI command for the length of one action."""
+
+    settings: Settings
+    engine: AsyncEngine
+    keys: Keys
+
+    @property
+    def registry(self) -> Registry:
+        return build_registry(self.settings, self.engine, self.keys)
+
+    @property
+    def accounts(self) -> Accounts:
+        return Accounts(self.engine)
+
+
+async def _local(action: Callable[[Local], Awaitable[T]]) -> T:
     settings = _settings()
     engine = db.create_engine(settings.database_url)
     try:
         await db.upgrade(engine)
-        return await action(build_registry(settings, engine, load_keyring(settings)))
+        local = Local(settings, engine, Keys.from_settings(settings))
+        await bootstrap_admin(settings, local.accounts)
+        return await action(local)
     finally:
         await engine.dispose()
+
+
+def _parse(schema: type[M], data: dict[str, Any]) -> M:
+    try:
+        parsed: M = parse_input(schema, data)
+    except ChatgateError as exc:
+        raise _fail(exc.message, 2) from None
+    return parsed
+
+
+def _api_key(api_key: str | None, api_key_env: str | None) -> str | None:
+    if api_key is not None and api_key_env is not None:
+        raise _fail("give --api-key or --api-key-env, not both", 2)
+    if api_key_env is not None:
+        value = os.environ.get(api_key_env)
+        if value is None:
+            raise _fail(f"environment variable {api_key_env} is not set", 2)
+        return value
+    return api_key
+
+
+# ----- serve and db -------------------------------------------------------------------------
 
 
 @app.command()
@@ -71,18 +125,16 @@ def serve(
 ) -> None:
     """Serve the gateway (uvicorn with uvloop and httptools)."""
     import uvicorn
+    from sqlalchemy.engine import make_url
 
     from chatgate.app import create_app
     from chatgate.logs import configure
 
-    overrides: dict[str, Any] = {}
-    if host is not None:
-        overrides["host"] = host
-    if port is not None:
-        overrides["port"] = port
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = _settings().model_copy(update=overrides)
     configure(settings.log_level)
-    err.print(f"chatgate serving on http://{settings.host}:{settings.port} (database: {_safe_url(settings)})")
+    shown = make_url(settings.database_url).render_as_string(hide_password=True)
+    err.print(f"chatgate serving on http://{settings.host}:{settings.port} (database: {shown})", highlight=False)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -97,19 +149,12 @@ def serve(
     )
 
 
-def _safe_url(settings: Settings) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(settings.database_url).render_as_string(hide_password=True)
-
-
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply pending migrations to CHATGATE_DATABASE_URL."""
 
     async def go() -> None:
-        settings = _settings()
-        engine = db.create_engine(settings.database_url)
+        engine = db.create_engine(_settings().database_url)
         try:
             await db.upgrade(engine)
         finally:
@@ -119,26 +164,7 @@ def db_upgrade() -> None:
     out.print("Database is up to date.")
 
 
-def _parse(schema: type[M], data: dict[str, Any]) -> M:
-    try:
-        parsed: M = parse_input(schema, data)
-    except ChatgateError as exc:
-        err.print(f"[red]error:[/] {exc.message}", highlight=False)
-        raise typer.Exit(2) from None
-    return parsed
-
-
-def _api_key(api_key: str | None, api_key_env: str | None) -> str | None:
-    if api_key is not None and api_key_env is not None:
-        err.print("[red]error:[/] give --api-key or --api-key-env, not both")
-        raise typer.Exit(2)
-    if api_key_env is not None:
-        value = os.environ.get(api_key_env)
-        if value is None:
-            err.print(f"[red]error:[/] environment variable {api_key_env} is not set")
-            raise typer.Exit(2)
-        return value
-    return api_key
+# ----- models -------------------------------------------------------------------------------
 
 
 @models_app.command("add")
@@ -146,15 +172,12 @@ def models_add(
     name: Annotated[str, typer.Option(help="Display name (at most 100 characters).")],
     base_url: Annotated[str, typer.Option(help="OpenAI-compatible base URL, e.g. http://host:11434/v1.")],
     model_id: Annotated[str, typer.Option(help="The model id the upstream server knows.")],
-    api_key: Annotated[
-        str | None, typer.Option(help="API key (prefer --api-key-env: shells keep history).")
-    ] = None,
-    api_key_env: Annotated[
-        str | None, typer.Option(help="Read the API key from this environment variable.")
-    ] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key (--api-key-env keeps it out of shell history).")] = None,
+    api_key_env: Annotated[str | None, typer.Option(help="Read the API key from this environment variable.")] = None,
     description: Annotated[str, typer.Option(help="Free text (at most 500 characters).")] = "",
     context_length: Annotated[int, typer.Option(help="Context window in tokens.")] = 4096,
     sharing: Annotated[str, typer.Option(help="private, public or unlisted.")] = "private",
+    user: Annotated[str, typer.Option(help="The owner (a chatgate user name).")] = "admin",
 ) -> None:
     """Register a model; prints its id."""
     data = _parse(
@@ -169,30 +192,35 @@ def models_add(
             "sharing": sharing,
         },
     )
-    record = _run(_with_registry(lambda r: r.create(LOCAL_ADMIN.user_id, data)))
-    out.print(str(record.id), highlight=False)
+
+    async def go(local: Local) -> ModelRecord:
+        owner = await local.accounts.user(user)
+        return await local.registry.create(owner.id, data)
+
+    out.print(str(_run(_local(go)).id), highlight=False)
 
 
 @models_app.command("list")
 def models_list() -> None:
     """All registered models, keys masked."""
-    records = _run(_with_registry(lambda r: r.list()))
-    table = Table("id", "name", "model_id", "base_url", "api_key", "sharing", "context", title=None)
+    records = _run(_local(lambda local: local.registry.list()))
+    if not records:
+        out.print("No models yet. Add one with: chatgate models add --name N --base-url URL --model-id M")
+        return
+    table = Table("name", "model_id", "base_url", "api_key", "sharing", "context")
+    table.add_column("id", no_wrap=True, min_width=36)
     for record in records:
         view = record.public()
         table.add_row(
-            view["id"],
             view["name"],
             view["model_id"],
             view["base_url"] or "(OpenAI)",
             view["api_key"],
             view["sharing"],
             str(view["context_length"]),
+            view["id"],
         )
-    if records:
-        out.print(table)
-    else:
-        out.print("No models yet. Add one with: chatgate models add --name N --base-url URL --model-id M")
+    out.print(table)
 
 
 def _show(record: ModelRecord) -> None:
@@ -205,7 +233,7 @@ def _show(record: ModelRecord) -> None:
 @models_app.command("show")
 def models_show(model_id: Annotated[str, typer.Argument(help="The model's id.")]) -> None:
     """One model's fields, key masked."""
-    _show(_run(_with_registry(lambda r: r.get(parse_id(model_id)))))
+    _show(_run(_local(lambda local: local.registry.get(parse_id(model_id)))))
 
 
 @models_app.command("update")
@@ -232,17 +260,88 @@ def models_update(
     }
     given = {k: v for k, v in fields.items() if v is not None}
     if not given:
-        err.print("[red]error:[/] nothing to change: give at least one option (see --help)")
-        raise typer.Exit(2)
+        raise _fail("nothing to change: give at least one option (see --help)", 2)
     data = _parse(ModelUpdate, given)
-    _show(_run(_with_registry(lambda r: r.update(parse_id(model_id), data))))
+    _show(_run(_local(lambda local: local.registry.update(parse_id(model_id), data))))
 
 
 @models_app.command("remove")
 def models_remove(model_id: Annotated[str, typer.Argument(help="The model's id.")]) -> None:
     """Delete a model."""
-    _run(_with_registry(lambda r: r.delete(parse_id(model_id))))
+    _run(_local(lambda local: local.registry.delete(parse_id(model_id))))
     out.print(f"Removed model {model_id}", highlight=False)
+
+
+# ----- users and tokens ---------------------------------------------------------------------
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="The user's name.")],
+    admin: Annotated[bool, typer.Option("--admin", help="May manage every model.")] = False,
+) -> None:
+    """Add a user (then give them a token with `chatgate tokens create --user NAME`)."""
+    user = _run(_local(lambda local: local.accounts.add_user(name, is_admin=admin)))
+    out.print(f"Added user {user.name} ({'admin' if user.is_admin else 'user'}), id {user.id}", highlight=False)
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """All users."""
+    table = Table("name", "role", "id", "created")
+    for user in _run(_local(lambda local: local.accounts.users())):
+        table.add_row(
+            user.name, "admin" if user.is_admin else "user", str(user.id), f"{user.created_at:%Y-%m-%d %H:%M}"
+        )
+    out.print(table)
+
+
+@tokens_app.command("create")
+def tokens_create(user: Annotated[str, typer.Option(help="The user the token acts as.")]) -> None:
+    """Create an API token; it is printed once and cannot be shown again."""
+    info, token = _run(_local(lambda local: local.accounts.create_token(user)))
+    err.print(f"Token {info.id} for {info.user} (shown once, keep it safe):", highlight=False)
+    out.print(token, highlight=False, soft_wrap=True)
+
+
+@tokens_app.command("list")
+def tokens_list(user: Annotated[str | None, typer.Option(help="Only this user's tokens.")] = None) -> None:
+    """Tokens by id and prefix (never the token itself)."""
+    table = Table("id", "user", "prefix", "created", "revoked")
+    for info in _run(_local(lambda local: local.accounts.tokens(user))):
+        revoked = f"{info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else ""
+        table.add_row(str(info.id), info.user, info.prefix + "…", f"{info.created_at:%Y-%m-%d %H:%M}", revoked)
+    out.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token: Annotated[str, typer.Argument(help="The token's id (or its prefix).")]) -> None:
+    """Revoke a token: it stops working at once."""
+    info = _run(_local(lambda local: local.accounts.revoke(token)))
+    out.print(f"Revoked token {info.id} ({info.prefix}…) of {info.user}", highlight=False)
+
+
+# ----- keys ---------------------------------------------------------------------------------
+
+
+@keys_app.command("rotate")
+def keys_rotate() -> None:
+    """Start encrypting with a new key and re-encrypt every stored API key under it.
+
+    With the key file, running servers pick the new key up by themselves. With
+    CHATGATE_SECRET_KEY, first put the new key in front ("new,old") on every instance."""
+
+    async def go(local: Local) -> tuple[str, int]:
+        keys = local.keys
+        if keys.path is not None:
+            kid = keys.ring.add_new_key()
+            keys.ring.save(keys.path)
+        else:
+            kid = keys.ring.current_kid
+        return kid, await rotate_keys(local.engine, keys)
+
+    kid, count = _run(_local(go))
+    out.print(f"Current key is {kid}; re-encrypted {count} stored API key(s).", highlight=False)
 
 
 def main() -> None:

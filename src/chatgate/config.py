@@ -44,8 +44,22 @@ class Settings(BaseSettings):
     # Keys at rest: a urlsafe-base64 32-byte key; empty means the embedded key file.
     secret_key: SecretStr = SecretStr("")
 
+    # Upstreams on loopback/private networks (Ollama on localhost) are refused unless allowed here.
+    # Link-local addresses (cloud metadata) stay refused whatever these say.
     allow_private_upstreams: bool = False
     upstream_allowlist: str = ""
+
+    # Encrypt API keys chatgate writes. Off only for a table that chatbot-ui itself must read.
+    encrypt_api_keys: bool = True
+
+    # Supabase access tokens (chatbot-ui's users): HS256 secret and/or the project's JWKS URL.
+    supabase_jwt_secret: SecretStr = SecretStr("")
+    supabase_jwks_url: str = ""
+    supabase_audience: str = "authenticated"
+
+    # Per-user limits; 0 means unlimited.
+    rate_limit_per_minute: int = Field(0, ge=0)
+    max_concurrent_streams: int = Field(0, ge=0)
 
     workers: int = Field(1, ge=1)
 

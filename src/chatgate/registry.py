@@ -184,9 +184,7 @@ class Registry:
         """All models, or only those `visible_to` a user: their own and the shared ones."""
         query = models_table.select().order_by(models_table.c.created_at, models_table.c.id)
         if visible_to is not None:
-            query = query.where(
-                sa.or_(models_table.c.user_id == visible_to, models_table.c.sharing != "private")
-            )
+            query = query.where(sa.or_(models_table.c.user_id == visible_to, models_table.c.sharing != "private"))
         async with self._engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [self._record(row._mapping) for row in rows]
@@ -206,9 +204,7 @@ class Registry:
         if "api_key" in values:
             values["api_key"] = self._cipher.encrypt(values["api_key"])
         async with self._engine.begin() as conn:
-            result = await conn.execute(
-                models_table.update().where(models_table.c.id == model_id).values(**values)
-            )
+            result = await conn.execute(models_table.update().where(models_table.c.id == model_id).values(**values))
         if result.rowcount == 0:
             raise NotFound("Model not found")
         await self._changed(model_id)
@@ -267,3 +263,26 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+async def rotate_keys(engine: AsyncEngine, keys: Any) -> int:
+    """Re-encrypt every stored key that is encrypted under an older key; returns how many.
+
+    Plain-text rows are left alone: they may belong to a chatbot-ui table that chatbot-ui reads.
+    Each row is rewritten only if it still holds the value read (a concurrent edit wins)."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.select(models_table.c.id, models_table.c.api_key))).all()
+    count = 0
+    for row in rows:
+        stored = row.api_key
+        if not stored.startswith("cg1:") or not keys.ring.needs_rotation(stored):
+            continue
+        fresh = keys.ring.encrypt(keys.decrypt(stored))
+        async with engine.begin() as conn:
+            result = await conn.execute(
+                models_table.update()
+                .where(models_table.c.id == row.id, models_table.c.api_key == stored)
+                .values(api_key=fresh)
+            )
+        count += result.rowcount
+    return count

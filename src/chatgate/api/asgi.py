@@ -65,9 +65,7 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest(f"Request body is not valid JSON: {exc.msg}") from None
 
 
-async def send_json(
-    send: Send, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
+async def send_json(send: Send, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = orjson.dumps(payload)
     await send(
         {

@@ -59,7 +59,7 @@ class CustomChat:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, trace: ChatTrace) -> None:
         runtime = self._runtime
-        principal = await runtime.authenticate(scope)
+        principal = await runtime.admit(scope)
         trace.user_id = principal.user_id
         body = parse_json(await read_body(scope, receive, runtime.settings.max_body_bytes))
         model_ref, payload = _upstream_payload(body)
@@ -90,9 +90,7 @@ class CustomChat:
                         data = text.encode()
                         if not trace.started:
                             trace.first_byte()
-                            await send(
-                                {"type": "http.response.start", "status": 200, "headers": TEXT_HEADERS}
-                            )
+                            await send({"type": "http.response.start", "status": 200, "headers": TEXT_HEADERS})
                         await send({"type": "http.response.body", "body": data, "more_body": True})
                         trace.bytes_out += len(data)
                 if finished:

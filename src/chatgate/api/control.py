@@ -25,7 +25,7 @@ def runtime_of(request: Request) -> Runtime:
 
 
 async def principal_of(request: Request) -> Principal:
-    return await runtime_of(request).authenticate(request.scope)
+    return await runtime_of(request).admit(request.scope)
 
 
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]

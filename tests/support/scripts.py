@@ -1,0 +1,116 @@
+"""Scripts: how a test tells the fake upstream to answer the requests for one model name.
+
+A script is JSON::
+
+    {"status": 200, "headers": {"x-a": "b"}, "framing": "chunked", "steps": [...]}
+
+All keys are optional. `framing` is "chunked" (default, like real servers: each step is its own
+chunk and its own write), "close" (no length; the body ends when the fake closes the connection)
+or "raw" (no status line or headers at all: the steps write every byte, then the connection closes).
+
+Each step is an object with exactly one of these keys:
+
+    {"headers": true}              write the status line and headers here; without this step they
+                                   go before the first step other than hang_before_headers, cut, close
+    {"send": "text"}               these UTF-8 bytes, as-is (CR, LF, CRLF, ": ping\\n\\n", ...)
+    {"send_hex": "c3"}             these raw bytes (split UTF-8, invalid bytes)
+    {"delta": "text"}              data: event with a content delta chunk
+    {"role": "assistant"}          data: event with a role-only chunk
+    {"finish": "stop"}             data: event with an empty delta and this finish_reason
+    {"usage": true | {...}}        data: event with choices [] and this usage (true: default counts)
+    {"event": <any JSON>}          data: event carrying this JSON
+    {"done": true}                 data: [DONE]
+    {"sleep": 0.5}                 pause this many seconds
+    {"wait": "gate"}               block until a test calls POST /_release/gate
+    {"hang": true}                 never write again; keep the connection open
+    {"hang_before_headers": true}  the same, named for its use as the first step: no status line
+    {"cut": true}                  abort the TCP connection (RST) at once
+    {"close": true}                close the connection cleanly (FIN) without ending the body
+    {"body": "text" | <JSON>}      a whole non-streamed body with Content-Length (sent with headers)
+
+A script with a `body` step is a non-streamed answer: it may hold sleep, wait, hang, cut and close
+steps but no streaming steps. Posting a list of scripts makes a sequence: the Nth request for
+the name follows the Nth script, and the last one repeats.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict
+
+from tests.support import openai_shapes as shapes
+
+Step = dict[str, Any]
+
+STREAM_STEPS = frozenset({"headers", "send", "send_hex", "delta", "role", "finish", "usage", "event", "done"})
+CONTROL_STEPS = frozenset({"sleep", "wait", "hang", "hang_before_headers", "cut", "close"})
+STEP_KINDS = STREAM_STEPS | CONTROL_STEPS | {"body"}
+
+
+class Script(TypedDict, total=False):
+    status: int
+    headers: dict[str, str]
+    framing: Literal["chunked", "close", "raw"]
+    steps: list[Step]
+
+
+class ScriptError(ValueError):
+    """A script the fake upstream cannot follow."""
+
+
+def step_kind(step: Step) -> str:
+    """The one key that names what a step does."""
+    if not isinstance(step, dict) or len(step) != 1:
+        raise ScriptError(f"a step is an object with exactly one key, not {step!r}")
+    (kind,) = step
+    if kind not in STEP_KINDS:
+        raise ScriptError(f"unknown step {kind!r}")
+    return kind
+
+
+def validate(script: Any) -> Script:
+    """Check one script and return it; raises ScriptError with the reason."""
+    if not isinstance(script, dict):
+        raise ScriptError("a script is a JSON object")
+    unknown = set(script) - {"status", "headers", "framing", "steps"}
+    if unknown:
+        raise ScriptError(f"unknown script keys {sorted(unknown)}")
+    if not isinstance(script.get("status", 200), int):
+        raise ScriptError("status must be an integer")
+    headers = script.get("headers", {})
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise ScriptError("headers must map names to strings")
+    framing = script.get("framing", "chunked")
+    if framing not in ("chunked", "close", "raw"):
+        raise ScriptError(f"unknown framing {framing!r}")
+    steps = script.get("steps", [])
+    if not isinstance(steps, list):
+        raise ScriptError("steps must be a list")
+    kinds = {step_kind(step) for step in steps}
+    for step in steps:
+        if "send_hex" in step:
+            bytes.fromhex(step["send_hex"])  # ValueError is reported like a ScriptError
+    if "body" in kinds and kinds & STREAM_STEPS:
+        raise ScriptError("a body script cannot also stream")
+    if framing == "raw" and kinds & {"headers", "body"}:
+        raise ScriptError("raw framing writes no headers and no body of its own")
+    return script  # type: ignore[return-value]
+
+
+def stream(*deltas: str, role: bool = True, done: bool = True, status: int = 200) -> Script:
+    """A well-formed stream of these content deltas."""
+    steps: list[Step] = [{"role": "assistant"}] if role else []
+    steps += [{"delta": text} for text in deltas]
+    steps.append({"finish": "stop"})
+    if done:
+        steps.append({"done": True})
+    return {"status": status, "steps": steps}
+
+
+def error(status: int, message: str, *, code: str | None = None) -> Script:
+    """A non-streamed OpenAI-shaped error answer."""
+    return {"status": status, "steps": [{"body": shapes.error(message, code=code)}]}
+
+
+def body(status: int, content: str | dict[str, Any], headers: dict[str, str] | None = None) -> Script:
+    """A non-streamed answer with this body (text as-is, anything else as JSON)."""
+    return {"status": status, "headers": headers or {}, "steps": [{"body": content}]}
