@@ -129,12 +129,14 @@ class Registry:
         cipher: KeyCipher,
         *,
         check_url: Callable[[str], Awaitable[None]],
+        check_connect: Callable[[str], None],
         cache: LRUCache[uuid.UUID, ModelRecord],
         on_change: Callable[[uuid.UUID], Awaitable[None]] | None = None,
     ) -> None:
         self._engine = engine
         self._cipher = cipher
         self._check_url = check_url
+        self._check_connect = check_connect
         self._cache = cache
         self._on_change = on_change
 
@@ -222,6 +224,9 @@ class Registry:
         record = self._cache.get(model_id)
         if record is None:
             record = await self.get(model_id)
+            # A literal IP never reaches the connect-time resolver guard, and a row written
+            # by chatbot-ui never passed the write-time check: check it here, once per fill.
+            self._check_connect(record.base_url)
             self._cache.put(model_id, record)
         return record
 

@@ -20,7 +20,14 @@ from chatgate.security.auth import Authenticator
 from chatgate.security.keys import Keys
 from chatgate.security.limits import Limiter, MemoryLimiter
 from chatgate.security.principal import Principal
-from chatgate.security.ssrf import GuardedResolver, UpstreamPolicy, check_url
+from chatgate.security.ssrf import (
+    GuardedResolver,
+    UpstreamPolicy,
+    check_literal_host,
+    check_url,
+    effective_base_url,
+    parse_base_url,
+)
 from chatgate.security.supabase import SupabaseVerifier
 from chatgate.store import db
 from chatgate.upstream.client import UpstreamClient
@@ -40,7 +47,16 @@ def build_registry(settings: Settings, engine: AsyncEngine, keys: Keys) -> Regis
     async def check(url: str) -> None:
         await check_url(url, policy)
 
-    return Registry(engine, keys, check_url=check, cache=LRUCache(settings.model_cache_size, settings.model_cache_ttl))
+    def check_connect(url: str) -> None:
+        check_literal_host(parse_base_url(effective_base_url(url)).raw_host or "", policy)
+
+    return Registry(
+        engine,
+        keys,
+        check_url=check,
+        check_connect=check_connect,
+        cache=LRUCache(settings.model_cache_size, settings.model_cache_ttl),
+    )
 
 
 def supabase_verifier(settings: Settings) -> SupabaseVerifier | None:

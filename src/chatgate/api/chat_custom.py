@@ -9,6 +9,7 @@ flushed as one write, with the leading whitespace of the whole answer trimmed (a
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 import aiohttp
@@ -129,7 +130,7 @@ def _in_band_message(error: object) -> str:
     return error if isinstance(error, str) else orjson.dumps(error).decode()
 
 
-def _upstream_payload(body: object) -> tuple[object, dict[str, Any]]:
+def _upstream_payload(body: object) -> tuple[uuid.UUID, dict[str, Any]]:
     """Check the seed's body and build the upstream request (the model id is resolved later)."""
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object")
