@@ -1,0 +1,1 @@
+"""chatgate's benchmark: `python -m bench` (see docs/performance.md for the method)."""

@@ -1,0 +1,394 @@
+"""Run the benchmark: `python -m bench [--quick] [--paths direct,floor,chatgate,litellm]`.
+
+Every server under test runs alone on core 0 (`taskset -c 0`); the upstream, the load generator
+and this runner share core 1. Each path is started, warmed up, measured in each scenario and
+stopped before the next starts. See docs/performance.md for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import chatgate_env, litellm_env, procs, report
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "performance.md"
+GROUPS = ("direct", "floor", "chatgate", "litellm")
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+@dataclass(frozen=True)
+class Options:
+    groups: tuple[str, ...]
+    reps: int
+    chunks: int
+    c1_seconds: float
+    c64_seconds: float
+    warmup: float
+    hold_streams: int
+    hold: bool
+    hold_route: str
+    litellm_hold: int
+    slow_delay: float
+    spin: bool
+    out: Path
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one repetition, short scenarios, 2,000 held streams")
+    ap.add_argument("--paths", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}")
+    ap.add_argument("--skip-litellm", action="store_true", help="same as leaving litellm out of --paths")
+    ap.add_argument("--reps", type=int, help="repetitions of the c1/c64 scenarios (default 3, quick 1)")
+    ap.add_argument("--chunks", type=int, default=32)
+    ap.add_argument("--hold-streams", type=int, help="streams of the hold scenario (default 10000)")
+    ap.add_argument("--no-hold", action="store_true", help="skip the hold scenario")
+    ap.add_argument(
+        "--hold-route",
+        choices=("custom", "v1"),
+        default="custom",
+        help="the chatgate route of the hold (one per run: a second hold in the same process would "
+        "reuse the first one's freed heap and understate RSS per stream)",
+    )
+    ap.add_argument(
+        "--litellm-hold", type=int, default=0, metavar="N", help="also hold N streams through LiteLLM (slow)"
+    )
+    ap.add_argument(
+        "--no-spin", action="store_true", help="let idle cores halt (no SCHED_IDLE spinners; P99 gets VM wake-ups)"
+    )
+    ap.add_argument("--slow-delay", type=float, default=5.0, help="seconds between deltas of a held stream (default 5)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    groups = tuple(g.strip() for g in a.paths.split(",") if g.strip())
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        ap.error(f"unknown path(s): {', '.join(sorted(unknown))}")
+    if a.skip_litellm:
+        groups = tuple(g for g in groups if g != "litellm")
+    return Options(
+        groups=groups,
+        reps=a.reps or (1 if a.quick else 3),
+        chunks=a.chunks,
+        c1_seconds=1.0 if a.quick else 2.0,
+        c64_seconds=1.5 if a.quick else 3.0,
+        warmup=0.5 if a.quick else 1.0,
+        hold_streams=a.hold_streams or (2000 if a.quick else 10_000),
+        hold=not a.no_hold,
+        hold_route=a.hold_route,
+        litellm_hold=a.litellm_hold,
+        slow_delay=a.slow_delay,
+        spin=not a.no_spin,
+        out=a.out,
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    """One measured path: where to send the two kinds of request and what a good answer ends with."""
+
+    name: str
+    port: int
+    path: str
+    body: dict[str, Any]
+    expect_tail: str | None
+    hold_path: str
+    hold_body: dict[str, Any]
+    hold_expect_tail: str | None
+    release_port: int
+    hold_streams: int  # 0: no hold scenario on this path
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Bench:
+    opts: Options
+    log_dir: Path
+    upstream: procs.Server
+    quiet_pids: list[int]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def loadgen(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+        cmd = ["taskset", "-c", procs.CLIENT_CORE, sys.executable, "-m", "bench.loadgen", json.dumps(spec)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"load generator failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        result: dict[str, Any] = json.loads(proc.stdout)
+        return result
+
+    def scenario(self, target: Target, scenario: str, rep: int, watch: list[int]) -> None:
+        base: dict[str, Any] = {
+            "port": target.port,
+            "headers": target.headers,
+            "watch_pids": watch,
+            "aux_pids": self.upstream.pids if watch != self.upstream.pids else [],
+            "core_pids": {
+                procs.SERVER_CORE: self.quiet_pids[:1] + (watch if watch != self.upstream.pids else []),
+                procs.CLIENT_CORE: self.quiet_pids[1:] + self.upstream.pids,
+            },
+        }
+        if scenario == "hold":
+            spec = {
+                **base,
+                "mode": "hold",
+                "path": target.hold_path,
+                "body": json.dumps(target.hold_body),
+                "expect_tail": target.hold_expect_tail,
+                "streams": target.hold_streams,
+                "release_port": target.release_port,
+                "hold_timeout": 90.0,
+                "timeout": 60.0,
+            }
+            timeout = 300.0
+        else:
+            c64 = scenario == "c64"
+            spec = {
+                **base,
+                "mode": "closed",
+                "path": target.path,
+                "body": json.dumps(target.body),
+                "expect_tail": target.expect_tail,
+                "concurrency": 64 if c64 else 1,
+                "duration": self.opts.c64_seconds if c64 else self.opts.c1_seconds,
+                "warmup": self.opts.warmup,
+                "timeout": 30.0,
+            }
+            timeout = 120.0
+        raw = self.loadgen(spec, timeout)
+        summary = report.summarize(raw)
+        self.runs.append({"path": target.name, "scenario": scenario, "rep": rep, "summary": summary, "raw": raw})
+        hold = f", held {summary.get('held', 0):,}, {summary.get('rss_per_stream_kb') or 0:.1f} KB/stream"
+        print(
+            f"  {target.name:<16} {scenario:<4} rep {rep + 1}: {summary['throughput_rps']:>8,.0f} req/s  "
+            f"TTFB P50 {summary['ttfb_p50_ms'] or 0:8.3f} ms  P99 {summary['ttfb_p99_ms'] or 0:8.3f} ms  "
+            f"CPU {summary['cpu_ms_per_req'] or 0:7.3f} ms/req  errors {summary['errors']}"
+            + (hold if scenario == "hold" else ""),
+            flush=True,
+        )
+
+    def measure(self, targets: list[Target], watch: list[int]) -> None:
+        for rep in range(self.opts.reps):
+            for target in targets:
+                for scenario in ("c1", "c64"):
+                    self.scenario(target, scenario, rep, watch)
+        if self.opts.hold:
+            for target in targets:
+                if not target.hold_streams:
+                    continue
+                if not any(r["summary"]["completed"] for r in self.runs if r["path"] == target.name):
+                    self.notes.append(f"{target.name}: hold not run, every c1/c64 request failed")
+                    continue
+                self.scenario(target, "hold", 0, watch)
+
+
+@contextmanager
+def running(server: procs.Server, ready_path: str, timeout: float) -> Iterator[procs.Server]:
+    try:
+        server.wait_ready(ready_path, timeout)
+        yield server
+    finally:
+        server.stop()
+
+
+def fd_capacity() -> int:
+    """Sockets one process may hold, leaving room for everything else it opens."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200
+
+
+def hold_for(opts: Options, sockets_per_stream: int, notes: list[str], name: str) -> int:
+    cap = fd_capacity() // sockets_per_stream
+    if opts.hold_streams > cap:
+        notes.append(
+            f"{name}: hold capped at {cap:,} streams: the file-descriptor limit is "
+            f"{resource.getrlimit(resource.RLIMIT_NOFILE)[1]:,} and cannot be raised here "
+            f"(no CAP_SYS_RESOURCE); a proxy needs {sockets_per_stream} sockets per stream"
+        )
+    return min(opts.hold_streams, cap)
+
+
+def openai_body(model: str) -> dict[str, Any]:
+    return {"model": model, "messages": CHAT, "stream": True}
+
+
+def run_direct(b: Bench) -> None:
+    up = b.upstream.port
+    t = Target(
+        "direct", up, "/v1/chat/completions", openai_body("bench-model"), "data: [DONE]",
+        "/slow/v1/chat/completions", openai_body("bench-model"), "data: [DONE]", up,
+        hold_for(b.opts, 1, b.notes, "direct"),
+    )  # fmt: skip
+    b.measure([t], b.upstream.pids)
+
+
+def run_floor(b: Bench) -> None:
+    port = procs.free_port()
+    cmd = [
+        sys.executable, "-m", "uvicorn", "bench.floor:app", "--host", "127.0.0.1", "--port", str(port),
+        "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
+        "--backlog", "4096",
+    ]  # fmt: skip
+    env = {"BENCH_CHUNKS": str(b.opts.chunks), "BENCH_SLOW_DELAY": str(b.opts.slow_delay)}
+    server = procs.start("floor", cmd, port=port, core=procs.SERVER_CORE, log_dir=b.log_dir, env=env, cwd=ROOT)
+    with running(server, "/healthz", 30):
+        last = f"tok{b.opts.chunks - 1}"
+        t = Target("floor", port, "/", {}, last, "/slow", {}, None, port, hold_for(b.opts, 1, b.notes, "floor"))
+        b.measure([t], server.pids)
+
+
+def run_chatgate(b: Bench) -> None:
+    data_dir = Path(tempfile.mkdtemp(prefix="chatgate-bench-"))
+    port = procs.free_port()
+    streams = hold_for(b.opts, 2, b.notes, "chatgate")
+    env = {**os.environ, **chatgate_env.env(data_dir, port, max(streams, 1000) + 100)}
+    try:
+        chatgate_env.check_cli(env, ROOT)
+        models = chatgate_env.register(env, ROOT, b.upstream.port)
+        headers = chatgate_env.chatgate_headers(env, ROOT)
+    except chatgate_env.ChatgateUnavailable as exc:
+        print(f"  chatgate not available: {exc}", flush=True)
+        b.notes.append(f"chatgate not available: {str(exc).splitlines()[0]}")
+        return
+    server = procs.start(
+        "chatgate", chatgate_env.serve_command(), port=port, core=procs.SERVER_CORE, log_dir=b.log_dir,
+        env=env, cwd=data_dir,
+    )  # fmt: skip
+    with running(server, "/healthz", 60):
+        up = b.upstream.port
+        custom = {
+            "chatSettings": {"model": "bench-model", "temperature": 0.5},
+            "messages": CHAT,
+            "customModelId": models.fast,
+        }
+        targets = [
+            Target(
+                "chatgate custom", port, "/api/chat/custom", custom, f"tok{b.opts.chunks - 1}",
+                "/api/chat/custom", {**custom, "customModelId": models.slow}, None, up,
+                streams if b.opts.hold_route == "custom" else 0, headers,
+            ),
+            Target(
+                "chatgate v1", port, "/v1/chat/completions", openai_body(models.fast), "data: [DONE]",
+                "/v1/chat/completions", openai_body(models.slow), "data: [DONE]", up,
+                streams if b.opts.hold_route == "v1" else 0, headers,
+            ),
+        ]  # fmt: skip
+        b.measure(targets, server.pids)
+
+
+def run_litellm(b: Bench) -> None:
+    print("  LiteLLM: checking its virtual environment", flush=True)
+    installed = litellm_env.ensure()
+    if isinstance(installed, str):
+        print(f"  LiteLLM not available: {installed}", flush=True)
+        b.notes.append(f"LiteLLM not available: {installed.splitlines()[0]}")
+        return
+    port = procs.free_port()
+    config = litellm_env.write_config(b.log_dir / "litellm.yaml", b.upstream.port)
+    log_config = litellm_env.write_log_config(b.log_dir / "litellm-logging.json")
+    server = procs.start(
+        "litellm", litellm_env.command(installed, config, port, log_config), port=port,
+        core=procs.SERVER_CORE, log_dir=b.log_dir, env=litellm_env.ENV, cwd=b.log_dir,
+        unset=litellm_env.UNSET,
+    )  # fmt: skip
+    with running(server, "/health/liveliness", 180):
+        hold = min(b.opts.litellm_hold, fd_capacity() // 2)
+        t = Target(
+            "litellm", port, "/v1/chat/completions", openai_body("bench"), "data: [DONE]",
+            "/v1/chat/completions", openai_body("bench-slow"), "data: [DONE]", b.upstream.port, hold,
+        )  # fmt: skip
+        if not hold and b.opts.hold:
+            b.notes.append("litellm: hold scenario not run (use --litellm-hold N; it ramps at ~50 streams/s)")
+        b.measure([t], server.pids)
+
+
+RUNNERS: dict[str, Callable[[Bench], None]] = {
+    "direct": run_direct,
+    "floor": run_floor,
+    "chatgate": run_chatgate,
+    "litellm": run_litellm,
+}
+PATH_ORDER = ("direct", "floor", "chatgate custom", "chatgate v1", "litellm")
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}x {model}, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    t0 = time.monotonic()
+    started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if (os.cpu_count() or 1) < 2:
+        print("the bench needs two cores (server on core 0, clients on core 1)", file=sys.stderr)
+        return 2
+    os.sched_setaffinity(0, {int(procs.CLIENT_CORE)})  # keep this runner off the server's core
+    limit = procs.raise_fd_limit(1 << 20)
+    log_dir = opts.out / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"chatgate bench — {machine()}; fd limit {limit:,}; logs in {log_dir}", flush=True)
+
+    up_port = procs.free_port()
+    upstream = procs.start(
+        "upstream",
+        [sys.executable, "-m", "bench.upstream", "--port", str(up_port), "--chunks", str(opts.chunks),
+         "--slow-delay", str(opts.slow_delay)],
+        port=up_port, core=procs.CLIENT_CORE, log_dir=log_dir, cwd=ROOT,
+    )  # fmt: skip
+    spinners = procs.Spinners([procs.SERVER_CORE, procs.CLIENT_CORE] if opts.spin else [])  # server's first
+    try:
+        with running(upstream, "/healthz", 15):
+            bench = Bench(opts, log_dir, upstream, spinners.pids)
+            for group in opts.groups:
+                print(f"[{time.monotonic() - t0:5.0f}s] {group}", flush=True)
+                try:
+                    RUNNERS[group](bench)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    print(f"  {group} failed: {exc}", flush=True)
+                    bench.notes.append(f"{group} failed: {str(exc).splitlines()[0]}")
+    finally:
+        spinners.stop()
+
+    meta = {
+        "started": started,
+        "machine": machine(),
+        "reps": opts.reps,
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+        "fd_limit": limit,
+        "idle_spinners": opts.spin,
+        "notes": list(dict.fromkeys(bench.notes)),
+        "wall_s": time.monotonic() - t0,
+    }
+    measured = {r["path"] for r in bench.runs}
+    paths = [p for p in PATH_ORDER if p in measured]
+    md = report.write_all(opts.out, bench.runs, paths, meta, opts.hold_streams, DOC)
+    print()
+    print(md)
+    print(f"wrote {opts.out / 'latest.md'}, {opts.out / 'latest.png'} and the run's JSON "
+          f"in {time.monotonic() - t0:.0f} s")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""chatgate under test: a throw-away data directory, the bench models registered, one worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ChatgateUnavailable(RuntimeError):
+    """chatgate cannot be set up for the bench (not built yet, or a command failed)."""
+
+
+@dataclass(frozen=True)
+class BenchModels:
+    fast: str  # model id (UUID) routed to the upstream's fast stream
+    slow: str  # model id routed to the upstream's hold stream
+
+
+def env(data_dir: Path, port: int, max_upstream_connections: int) -> dict[str, str]:
+    """The environment of every chatgate command of the bench."""
+    return {
+        "CHATGATE_DATABASE_URL": f"sqlite:///{data_dir}/bench.db",
+        "CHATGATE_DATA_DIR": str(data_dir),
+        "CHATGATE_PORT": str(port),
+        "CHATGATE_ALLOW_PRIVATE_UPSTREAMS": "true",
+        "CHATGATE_LOG_LEVEL": "warning",
+        "CHATGATE_WORKERS": "1",
+        # The hold scenario keeps one upstream connection per stream open.
+        "CHATGATE_UPSTREAM_MAX_CONNECTIONS": str(max_upstream_connections),
+    }
+
+
+def _cli(args: list[str], environ: Mapping[str, str], cwd: Path) -> str:
+    full = [sys.executable, "-m", "chatgate", *args]
+    try:
+        proc = subprocess.run(full, env=dict(environ), cwd=cwd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ChatgateUnavailable(f"`chatgate {' '.join(args)}`: {exc}") from exc
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
+        raise ChatgateUnavailable(f"`chatgate {' '.join(args)}` exited {proc.returncode}:\n{tail}")
+    return proc.stdout
+
+
+def check_cli(environ: Mapping[str, str], cwd: Path) -> None:
+    """Raise ChatgateUnavailable unless `python -m chatgate serve` exists."""
+    _cli(["serve", "--help"], environ, cwd)
+
+
+BENCH_USER = "bench"
+
+
+def _last_line(out: str) -> str:
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def add_model(environ: Mapping[str, str], cwd: Path, name: str, base_url: str) -> str:
+    """Register an upstream model owned by the bench user; return its id (the last line printed)."""
+    out = _cli(
+        ["models", "add", "--name", name, "--base-url", base_url, "--model-id", "bench-model",
+         "--api-key", "sk-bench-0000", "--user", BENCH_USER],
+        environ,
+        cwd,
+    )  # fmt: skip
+    try:
+        return str(uuid.UUID(_last_line(out)))
+    except ValueError as exc:
+        raise ChatgateUnavailable(f"`models add` printed no model id: {out!r}") from exc
+
+
+def register(environ: Mapping[str, str], cwd: Path, upstream_port: int) -> BenchModels:
+    base = f"http://127.0.0.1:{upstream_port}"
+    _cli(["users", "add", BENCH_USER], environ, cwd)
+    return BenchModels(
+        fast=add_model(environ, cwd, "bench", base + "/v1"),
+        slow=add_model(environ, cwd, "bench-slow", base + "/slow/v1"),
+    )
+
+
+def chatgate_headers(environ: Mapping[str, str], cwd: Path | None = None) -> dict[str, str]:
+    """The headers a bench chat request needs: a bearer token of the bench user (made by `register`)."""
+    token = _last_line(_cli(["tokens", "create", "--user", BENCH_USER], environ, cwd or Path.cwd()))
+    if not token:
+        raise ChatgateUnavailable("`tokens create` printed no token")
+    return {"authorization": f"Bearer {token}"}
+
+
+def serve_command() -> list[str]:
+    return [sys.executable, "-m", "chatgate", "serve"]
