@@ -39,11 +39,11 @@ run: $(VENV)/.installed
 	$(VENV)/bin/chatgate serve
 
 test: $(VENV)/.dev-installed $(LLAMA_VENV)/.installed
-	CHATGATE_LLAMA_PYTHON=$(abspath $(LLAMA_VENV))/bin/python $(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	CHATGATE_LLAMA_PYTHON=$(abspath $(LLAMA_VENV))/bin/python $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # The suite without the real-model test: for quick iterations.
 test-fast: $(VENV)/.dev-installed
-	$(PY) -m pytest -n 2 -m "not realmodel" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not realmodel" $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check src tests bench

@@ -11,8 +11,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from chatgate.api import chat_custom
-from chatgate.api.asgi import ClientGone, Receive, Scope, Send, send_json
+from chatgate.api import chat_custom, chat_openai, openapi
+from chatgate.api.asgi import BodyLimit, ClientGone, Receive, Scope, Send, send_json
 from chatgate.api.control import build_control_app
 from chatgate.config import Settings
 from chatgate.errors import ChatgateError
@@ -34,6 +34,12 @@ class Gateway:
         self.settings = settings
         self.runtime: Runtime | None = None
         self.control = build_control_app()
+        # The chat routes of startup()'s table, described for /openapi.json.
+        openapi.install(
+            self.control, {"/api/chat/custom": chat_custom.OPENAPI, "/v1/chat/completions": chat_openai.OPENAPI}
+        )
+        # The chat routes bound their bodies themselves (read_body); this bounds every other route.
+        self._control_app = BodyLimit(self.control, settings.max_body_bytes, settings.client_timeout)
         self._chats: dict[str, tuple[ChatHandler, ErrorRenderer]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -45,12 +51,12 @@ class Gateway:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        await self.control(scope, receive, send)
+        await self._control_app(scope, receive, send)
 
     async def _chat(
         self, handler: ChatHandler, render: ErrorRenderer, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        trace = ChatTrace()
+        trace = ChatTrace(endpoint=scope["path"])
         headers = [(b"x-request-id", trace.request_id.encode())]
         try:
             await handler(scope, receive, send, trace)
@@ -69,6 +75,9 @@ class Gateway:
                 await send_json(send, 500, render(ChatgateError(UNEXPECTED)), headers)
         finally:
             trace.finish()
+            # Every authenticated chat is counted, failed ones too; the recorder never blocks.
+            if self.runtime is not None and trace.user_id is not None:
+                self.runtime.usage.record(trace)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -92,6 +101,7 @@ class Gateway:
         self.control.state.runtime = runtime
         self._chats = {
             "/api/chat/custom": (chat_custom.CustomChat(runtime), chat_custom.render_error),
+            "/v1/chat/completions": (chat_openai.OpenAIChat(runtime), chat_openai.render_error),
         }
 
     async def shutdown(self) -> None:

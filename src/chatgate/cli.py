@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -17,12 +18,14 @@ from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.accounts import Accounts
+from chatgate.cachebus import CacheBus
 from chatgate.config import Settings, load_settings
 from chatgate.errors import ChatgateError
 from chatgate.registry import ModelCreate, ModelRecord, ModelUpdate, Registry, parse_id, parse_input, rotate_keys
-from chatgate.runtime import bootstrap_admin, build_registry
+from chatgate.runtime import bootstrap_admin, build_registry, connect_redis
 from chatgate.security.keys import Keys
 from chatgate.store import db
+from chatgate.usage import query_usage, summarize
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -39,7 +42,8 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 
-out = Console(soft_wrap=True)
+# Piped output (scripts, tests) gets full-width tables rather than rich's 80-column default.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -74,10 +78,12 @@ class Local:
     settings: Settings
     engine: AsyncEngine
     keys: Keys
+    bus: CacheBus | None = None
 
     @property
     def registry(self) -> Registry:
-        return build_registry(self.settings, self.engine, self.keys)
+        # With Redis, running servers hear of the change at once (else within their cache TTL).
+        return build_registry(self.settings, self.engine, self.keys, self.bus.publish if self.bus else None)
 
     @property
     def accounts(self) -> Accounts:
@@ -87,12 +93,16 @@ class Local:
 async def _local(action: Callable[[Local], Awaitable[T]]) -> T:
     settings = _settings()
     engine = db.create_engine(settings.database_url)
+    redis = connect_redis(settings) if settings.redis_url else None
     try:
         await db.upgrade(engine)
-        local = Local(settings, engine, Keys.from_settings(settings))
+        bus = CacheBus(redis, prefix=settings.redis_prefix) if redis is not None else None
+        local = Local(settings, engine, Keys.from_settings(settings), bus)
         await bootstrap_admin(settings, local.accounts)
         return await action(local)
     finally:
+        if redis is not None:
+            await redis.aclose()
         await engine.dispose()
 
 
@@ -129,6 +139,7 @@ def serve(
 
     from chatgate.app import create_app
     from chatgate.logs import configure
+    from chatgate.server import protocol_for
 
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = _settings().model_copy(update=overrides)
@@ -140,7 +151,7 @@ def serve(
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol_for(settings),  # httptools, with limits on request heads
         access_log=False,
         log_config=None,
         log_level=settings.log_level,
@@ -319,6 +330,57 @@ def tokens_revoke(token: Annotated[str, typer.Argument(help="The token's id (or 
     """Revoke a token: it stops working at once."""
     info = _run(_local(lambda local: local.accounts.revoke(token)))
     out.print(f"Revoked token {info.id} ({info.prefix}…) of {info.user}", highlight=False)
+
+
+# ----- usage --------------------------------------------------------------------------------
+
+
+def _when(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise _fail(f"{option}: not an ISO date or time: {value!r}", 2) from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+@app.command()
+def usage(
+    model: Annotated[str | None, typer.Option(help="Only this model (its id, or a name).")] = None,
+    since: Annotated[str | None, typer.Option(help="From this ISO date or time (UTC unless it says).")] = None,
+    until: Annotated[str | None, typer.Option(help="Until this ISO date or time, exclusive.")] = None,
+    days: Annotated[int, typer.Option(help="Without --since: the last this many days.", min=1)] = 7,
+) -> None:
+    """Chats per model and (UTC) day: requests, errors, tokens, median and p95 time to first byte."""
+    start = _when(since, "--since") or datetime.now(UTC) - timedelta(days=days)
+    end = _when(until, "--until")
+    records = _run(_local(lambda local: query_usage(local.engine, model=model, since=start, until=end)))
+    if not records:
+        out.print("No chats recorded in that range.")
+        return
+    table = Table("model", "day", "requests", "errors", "prompt tokens", "completion tokens", "TTFB p50", "TTFB p95")
+    for day in summarize(records):
+        table.add_row(
+            day.model,
+            day.day.isoformat(),
+            str(day.requests),
+            str(day.errors),
+            _count(day.prompt_tokens),
+            _count(day.completion_tokens),
+            _ms(day.ttfb_p50),
+            _ms(day.ttfb_p95),
+        )
+    out.print(table)
+    err.print("Tokens count the chats whose server reported them; errors exclude clients that went away.")
 
 
 # ----- keys ---------------------------------------------------------------------------------

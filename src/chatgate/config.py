@@ -29,17 +29,33 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(10.0, gt=0)
     first_byte_timeout: float = Field(60.0, gt=0)
     idle_timeout: float = Field(60.0, gt=0)
+    # A non-streamed answer's head comes only when the whole answer is ready: its own, longer wait.
+    completion_timeout: float = Field(600.0, gt=0)
     upstream_max_connections: int = Field(1000, ge=1)
 
     # Size of the in-process model cache (entries) and its safety-net TTL (seconds).
     model_cache_size: int = Field(1024, ge=1)
-    model_cache_ttl: float = Field(30.0, gt=0)
+    model_cache_ttl: float = Field(5.0, gt=0)
 
     # Largest request body accepted, in bytes.
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # Seconds a client may take to send a request's head, or leave its body stalled, before
+    # the request is answered 408 (slowloris); uvicorn has no such timeout of its own.
+    client_timeout: float = Field(30.0, gt=0)
 
     # Apply pending migrations when the server starts.
     migrate_on_start: bool = True
+    # PostgreSQL: seconds each database step may take (pool wait, connect, statement) before the
+    # request is answered 503, and the connection pool size per process (as many again on bursts).
+    database_timeout: float = Field(5.0, gt=0)
+    database_pool_size: int = Field(10, ge=1)
+
+    # Redis, shared by every instance: rate limits, stream caps, model-cache invalidation.
+    # Empty: each process keeps these in memory (one instance).
+    redis_url: str = ""
+    redis_prefix: str = "chatgate:"
+    # Seconds a Redis call may take before chatgate carries on without it (fail open).
+    redis_timeout: float = Field(0.5, gt=0)
 
     # Keys at rest: a urlsafe-base64 32-byte key; empty means the embedded key file.
     secret_key: SecretStr = SecretStr("")

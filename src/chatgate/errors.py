@@ -3,8 +3,11 @@
 ChatgateError
  ├── ClientError                 the caller must change something
  │    ├── BadRequest             400: malformed body, missing or mistyped field
+ │    │    └── AmbiguousModel     400: a model name that several usable models share
  │    ├── Unauthorized           401: missing or wrong credential
  │    ├── NotFound               404: no such thing, or not yours
+ │    │    └── ModelNotFound      404: no model by that id or name that the caller may use
+ │    ├── RequestTimeout         408: the request body stalled
  │    ├── PayloadTooLarge        413
  │    └── RateLimited            429, with Retry-After
  ├── UpstreamError               the model server failed us
@@ -52,6 +55,19 @@ class Unauthorized(ClientError):
 class NotFound(ClientError):
     status = 404
     code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class AmbiguousModel(BadRequest):
+    code = "ambiguous_model"
+
+
+class RequestTimeout(ClientError):
+    status = 408
+    code = "request_timeout"
 
 
 class PayloadTooLarge(ClientError):
@@ -116,8 +132,11 @@ class ValidationFailed(ClientError):
     @classmethod
     def from_pydantic(cls, exc: Any) -> ValidationFailed:
         errors = []
-        for err in exc.errors(include_url=False, include_input=False):
-            where = ".".join(str(part) for part in err["loc"]) or "body"
+        for err in exc.errors():
+            loc = list(err["loc"])
+            if len(loc) > 1 and loc[0] == "body":
+                loc = loc[1:]  # FastAPI's location prefix: the field is what the user named
+            where = ".".join(str(part) for part in loc) or "body"
             errors.append({"field": where, "message": err["msg"]})
         summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return cls(f"Invalid request: {summary}", errors)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.cache import LRUCache
-from chatgate.errors import NotFound, ValidationFailed
+from chatgate.errors import BadRequest, NotFound, ValidationFailed
 from chatgate.security.crypto import mask
 from chatgate.store.schema import models as models_table
 
@@ -35,6 +35,13 @@ def _text(limit: int, *, required: bool = False) -> Any:
     return Annotated[str, StringConstraints(max_length=limit, min_length=1 if required else 0)]
 
 
+# An API key travels in an HTTP header: control characters could not be sent (or would inject).
+_ApiKey = Annotated[str, StringConstraints(max_length=1000, pattern=r"^[^\x00-\x1f\x7f]*$")]
+
+
+NAME_MAX = 100
+
+
 class ModelCreate(BaseModel):
     """A new model, as a user registers it."""
 
@@ -43,7 +50,7 @@ class ModelCreate(BaseModel):
     name: _text(100, required=True)  # type: ignore[valid-type]
     base_url: _text(1000)  # type: ignore[valid-type]
     model_id: _text(1000, required=True)  # type: ignore[valid-type]
-    api_key: _text(1000) = ""  # type: ignore[valid-type]
+    api_key: _ApiKey = ""
     description: _text(500) = ""  # type: ignore[valid-type]
     context_length: int = Field(4096, ge=1, le=10_000_000)
     sharing: Sharing = "private"
@@ -58,7 +65,7 @@ class ModelUpdate(BaseModel):
     name: _text(100, required=True) | None = None  # type: ignore[valid-type]
     base_url: _text(1000) | None = None  # type: ignore[valid-type]
     model_id: _text(1000, required=True) | None = None  # type: ignore[valid-type]
-    api_key: _text(1000) | None = None  # type: ignore[valid-type]
+    api_key: _ApiKey | None = None
     description: _text(500) | None = None  # type: ignore[valid-type]
     context_length: int | None = Field(None, ge=1, le=10_000_000)
     sharing: Sharing | None = None
@@ -131,6 +138,7 @@ class Registry:
         check_url: Callable[[str], Awaitable[None]],
         check_connect: Callable[[str], None],
         cache: LRUCache[uuid.UUID, ModelRecord],
+        names: LRUCache[str, tuple[ModelRecord, ...]] | None = None,
         on_change: Callable[[uuid.UUID], Awaitable[None]] | None = None,
     ) -> None:
         self._engine = engine
@@ -138,6 +146,9 @@ class Registry:
         self._check_url = check_url
         self._check_connect = check_connect
         self._cache = cache
+        self._names: LRUCache[str, tuple[ModelRecord, ...]] = names if names is not None else LRUCache(1024, 5.0)
+        # Models whose server refused the `stream_options` chatgate adds to ask for token counts.
+        self._no_stream_options: set[uuid.UUID] = set()
         self._on_change = on_change
 
     async def create(self, owner: uuid.UUID, data: ModelCreate) -> ModelRecord:
@@ -171,8 +182,17 @@ class Registry:
             "name": record.name,
             "context_length": record.context_length,
         }
-        async with self._engine.begin() as conn:
-            await conn.execute(models_table.insert().values(**values))
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(models_table.insert().values(**values))
+        except sa.exc.IntegrityError:
+            # chatbot-ui's table references auth.users: its owners are Supabase users.
+            raise BadRequest(
+                "This models table only accepts owners who are users of its database "
+                "(a chatbot-ui table: sign in with a Supabase access token)"
+            ) from None
+        # The name may now be taken twice, here and in every other instance's name cache.
+        await self._changed(record.id)
         return record
 
     async def get(self, model_id: uuid.UUID) -> ModelRecord:
@@ -183,10 +203,11 @@ class Registry:
         return self._record(row._mapping)
 
     async def list(self, *, visible_to: uuid.UUID | None = None) -> list[ModelRecord]:
-        """All models, or only those `visible_to` a user: their own and the shared ones."""
+        """All models, or only those listed for a user: their own and the public ones
+        (an unlisted model is usable by anyone who knows its id, but listed only for its owner)."""
         query = models_table.select().order_by(models_table.c.created_at, models_table.c.id)
         if visible_to is not None:
-            query = query.where(sa.or_(models_table.c.user_id == visible_to, models_table.c.sharing != "private"))
+            query = query.where(sa.or_(models_table.c.user_id == visible_to, models_table.c.sharing == "public"))
         async with self._engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [self._record(row._mapping) for row in rows]
@@ -230,12 +251,35 @@ class Registry:
             self._cache.put(model_id, record)
         return record
 
+    async def named(self, name: str) -> tuple[ModelRecord, ...]:
+        """Every model with this name (names are not unique), from the cache when it is there."""
+        records = self._names.get(name)
+        if records is None:
+            records = ()
+            if 0 < len(name) <= NAME_MAX:
+                query = models_table.select().where(models_table.c.name == name)
+                async with self._engine.connect() as conn:
+                    rows = (await conn.execute(query.order_by(models_table.c.created_at, models_table.c.id))).all()
+                records = tuple(self._record(row._mapping) for row in rows)
+            self._names.put(name, records)
+        return records
+
+    def accepts_stream_options(self, model_id: uuid.UUID) -> bool:
+        """False once the model's server has refused `stream_options` (until the model changes)."""
+        return model_id not in self._no_stream_options
+
+    def refuses_stream_options(self, model_id: uuid.UUID) -> None:
+        self._no_stream_options.add(model_id)
+
     def invalidate(self, model_id: uuid.UUID | None = None) -> None:
         """Forget a cached model (or all of them): called on writes, here or elsewhere."""
+        self._names.clear()  # a write may rename any model
         if model_id is None:
             self._cache.clear()
+            self._no_stream_options.clear()
         else:
             self._cache.discard(model_id)
+            self._no_stream_options.discard(model_id)
 
     async def _changed(self, model_id: uuid.UUID) -> None:
         self.invalidate(model_id)

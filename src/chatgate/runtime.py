@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.accounts import Accounts
 from chatgate.api.asgi import Scope
 from chatgate.cache import LRUCache
+from chatgate.cachebus import CacheBus
 from chatgate.config import Settings
-from chatgate.errors import NotFound
+from chatgate.errors import AmbiguousModel, ModelNotFound, NotFound
+from chatgate.metrics import Metrics
 from chatgate.registry import ModelRecord, Registry
 from chatgate.security.auth import Authenticator
 from chatgate.security.keys import Keys
 from chatgate.security.limits import Limiter, MemoryLimiter
 from chatgate.security.principal import Principal
+from chatgate.security.redis_limits import RedisLimiter
 from chatgate.security.ssrf import (
     GuardedResolver,
     UpstreamPolicy,
@@ -31,6 +37,7 @@ from chatgate.security.ssrf import (
 from chatgate.security.supabase import SupabaseVerifier
 from chatgate.store import db
 from chatgate.upstream.client import UpstreamClient
+from chatgate.usage import UsageRecorder
 
 log = logging.getLogger("chatgate")
 
@@ -41,7 +48,12 @@ def upstream_policy(settings: Settings) -> UpstreamPolicy:
     return UpstreamPolicy.from_settings(settings.allow_private_upstreams, settings.upstream_allowlist)
 
 
-def build_registry(settings: Settings, engine: AsyncEngine, keys: Keys) -> Registry:
+def build_registry(
+    settings: Settings,
+    engine: AsyncEngine,
+    keys: Keys,
+    on_change: Callable[[uuid.UUID], Awaitable[None]] | None = None,
+) -> Registry:
     policy = upstream_policy(settings)
 
     async def check(url: str) -> None:
@@ -56,6 +68,18 @@ def build_registry(settings: Settings, engine: AsyncEngine, keys: Keys) -> Regis
         check_url=check,
         check_connect=check_connect,
         cache=LRUCache(settings.model_cache_size, settings.model_cache_ttl),
+        names=LRUCache(settings.model_cache_size, settings.model_cache_ttl),
+        on_change=on_change,
+    )
+
+
+def connect_redis(settings: Settings) -> Redis:
+    """The Redis client of one process (connections are made lazily, so Redis may be down now)."""
+    return Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+        health_check_interval=10,
     )
 
 
@@ -97,32 +121,77 @@ class Runtime:
     limiter: Limiter
     upstream: UpstreamClient
     supabase: SupabaseVerifier | None
+    metrics: Metrics
+    usage: UsageRecorder
+    redis: Redis | None = None
+    bus: CacheBus | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
-        engine = db.create_engine(settings.database_url)
+        engine = db.create_engine(
+            settings.database_url, timeout=settings.database_timeout, pool_size=settings.database_pool_size
+        )
         if settings.migrate_on_start:
             await db.upgrade(engine)
-        accounts = Accounts(engine)
+        accounts = Accounts.for_engine(engine)
         await bootstrap_admin(settings, accounts)
         supabase = supabase_verifier(settings)
+        metrics = Metrics()
+        keys = Keys.from_settings(settings)
+        redis: Redis | None = None
+        bus: CacheBus | None = None
+        limiter: Limiter
+        if settings.redis_url:
+            redis = connect_redis(settings)
+            bus = CacheBus(redis, prefix=settings.redis_prefix, metrics=metrics)
+            registry = build_registry(settings, engine, keys, on_change=bus.publish)
+            limiter = RedisLimiter(
+                redis,
+                settings.rate_limit_per_minute,
+                settings.max_concurrent_streams,
+                metrics=metrics,
+                prefix=settings.redis_prefix,
+            )
+            bus.start(registry.invalidate)
+            try:
+                async with asyncio.timeout(2 * settings.redis_timeout + 1):
+                    await bus.wait_subscribed()
+            except TimeoutError:
+                log.warning("Redis did not answer at start-up: serving without it until it does")
+        else:
+            registry = build_registry(settings, engine, keys)
+            limiter = MemoryLimiter(settings.rate_limit_per_minute, settings.max_concurrent_streams)
         upstream = UpstreamClient(settings, resolver=GuardedResolver(upstream_policy(settings)))
         await upstream.start()
+        usage = UsageRecorder(engine)
+        usage.start()
         return cls(
             settings=settings,
             engine=engine,
-            registry=build_registry(settings, engine, Keys.from_settings(settings)),
+            registry=registry,
             accounts=accounts,
             authenticator=Authenticator(accounts, supabase),
-            limiter=MemoryLimiter(settings.rate_limit_per_minute, settings.max_concurrent_streams),
+            limiter=limiter,
             upstream=upstream,
             supabase=supabase,
+            metrics=metrics,
+            usage=usage,
+            redis=redis,
+            bus=bus,
         )
 
     async def close(self) -> None:
         await self.upstream.close()
+        await self.usage.close()  # after the last chat, before the engine goes
         if self.supabase is not None:
             await self.supabase.aclose()
+        if self.bus is not None:
+            await self.bus.aclose()
+        if isinstance(self.limiter, RedisLimiter):
+            await self.limiter.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+        self.accounts.close()
         await self.engine.dispose()
 
     async def admit(self, scope: Scope) -> Principal:
@@ -137,3 +206,26 @@ class Runtime:
         if not principal.may_use(record.user_id, record.sharing):
             raise NotFound("Model not found")
         return record
+
+    async def model_by_ref(self, principal: Principal, ref: str) -> ModelRecord:
+        """The model an OpenAI request names: by chatgate id, else by name among the models the
+        caller may use (a name that several of them share is refused as ambiguous)."""
+        try:
+            model_id: uuid.UUID | None = uuid.UUID(ref)
+        except ValueError:
+            model_id = None
+        if model_id is not None:
+            try:
+                return await self.model_for_chat(principal, model_id)
+            except NotFound:
+                pass  # a name that looks like a UUID
+        usable = [r for r in await self.registry.named(ref) if principal.may_use(r.user_id, r.sharing)]
+        if not usable:
+            raise ModelNotFound(f"The model `{ref}` does not exist or you do not have access to it.", param="model")
+        if len(usable) > 1:
+            ids = ", ".join(str(r.id) for r in usable)
+            raise AmbiguousModel(
+                f"The model name `{ref}` is ambiguous: {len(usable)} models have it; use one of their ids: {ids}",
+                param="model",
+            )
+        return await self.registry.for_chat(usable[0].id)

@@ -40,3 +40,13 @@ class ChatTrace:
 
     def finish(self) -> None:
         self.duration = time.perf_counter() - self.t0
+
+    def count_tokens(self, usage: object) -> None:
+        """Take the token counts from an upstream `usage` object; what is missing stays unknown."""
+        if not isinstance(usage, dict):
+            return
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int) and not isinstance(prompt, bool):
+            self.prompt_tokens = prompt
+        if isinstance(completion, int) and not isinstance(completion, bool):
+            self.completion_tokens = completion

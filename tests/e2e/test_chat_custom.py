@@ -75,7 +75,13 @@ def test_upstream_request_is_what_the_seed_sent(gateway: ChatgateServer, fake: F
     (request,) = fake.requests(model=name)
     assert request["path"] == "/v1/chat/completions"
     assert request["headers"]["authorization"] == "Bearer sk-upstream-key-123456"
-    assert request["body"] == {"model": name, "messages": payload["messages"], "temperature": 0.25, "stream": True}
+    assert request["body"] == {
+        "model": name,
+        "messages": payload["messages"],
+        "temperature": 0.25,
+        "stream": True,
+        "stream_options": {"include_usage": True},  # for usage accounting; the answer is unchanged
+    }
 
 
 def test_model_defaults_to_the_rows_model_id_and_empty_key_sends_no_auth(

@@ -188,38 +188,6 @@ class ServerProcess:
                 proc.wait()
         return proc.returncode
 
-    @property
-    def admin_token(self) -> str:
-        """The token of the `admin` user that the first start created and saved."""
-        return (self.data_dir / "admin-token").read_text().strip()
-
-    def auth(self, token: str | None = None) -> dict[str, str]:
-        return {"Authorization": f"Bearer {token or self.admin_token}"}
-
-    def client(self, token: str | None = None, **kwargs: Any) -> httpx.Client:
-        """An httpx client for this server, authenticated as admin unless another token is given."""
-        kwargs.setdefault("timeout", 30.0)
-        return httpx.Client(base_url=self.url, headers=self.auth(token), trust_env=False, **kwargs)
-
-    def add_model(self, token: str | None = None, **fields: Any) -> str:
-        """Register a model through the REST API; returns its id."""
-        fields.setdefault("name", unique_name("model"))
-        fields.setdefault("model_id", "fake-model")
-        fields.setdefault("api_key", "sk-test-0000000000000000")
-        with self.client(token) as client:
-            response = client.post("/api/models", json=fields)
-        assert response.status_code == 201, response.text
-        return str(response.json()["id"])
-
-    def new_user(self, name: str | None = None, *, admin: bool = False) -> str:
-        """Create a user with the CLI and return a fresh token of theirs."""
-        name = name or unique_name("user")
-        added = self.cli("users", "add", name, *(["--admin"] if admin else []))
-        assert added.returncode == 0, added.stderr
-        created = self.cli("tokens", "create", "--user", name)
-        assert created.returncode == 0, created.stderr
-        return created.stdout.strip()
-
     def __enter__(self) -> Self:
         return self.start()
 
@@ -442,14 +410,20 @@ class ChatgateServer:
         self.stop()
         return self.start()
 
-    def cli(self, *args: str, input: str | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self,
+        *args: str,
+        input: str | None = None,
+        timeout: float = 60.0,
+        env_extra: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run `python -m chatgate ARGS` with the server's environment; never raises on exit status."""
         return subprocess.run(
             [sys.executable, "-m", self.module, *args],
             input=input,
             capture_output=True,
             text=True,
-            env=self.env,
+            env={**self.env, **(env_extra or {})},
             cwd=self.data_dir,
             timeout=timeout,
             check=False,

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from chatgate.errors import BadRequest, PayloadTooLarge
+from chatgate.errors import BadRequest, ChatgateError, PayloadTooLarge, RequestTimeout
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -30,27 +30,52 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body, refused with 413 as soon as it is known to exceed `limit`."""
+def declared_length(scope: Scope) -> int | None:
+    """The request's Content-Length, None when absent; BadRequest when it is not a number."""
     length = header(scope, b"content-length")
-    if length is not None:
-        try:
-            declared = int(length)
-        except ValueError:
-            raise BadRequest("Content-Length is not a number") from None
-        if declared > limit:
-            raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes")
+    if length is None:
+        return None
+    try:
+        return int(length)
+    except ValueError:
+        raise BadRequest("Content-Length is not a number") from None
+
+
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes")
+
+
+async def receive_body_part(receive: Receive, stall: float | None) -> Message:
+    """The next message of a body that is still arriving; RequestTimeout when the client stalls.
+
+    uvicorn has no timeout of its own for a body that stops half-way (slowloris): without this
+    a request would hold its task and connection until the client gives up."""
+    if stall is None:
+        return await receive()
+    try:
+        async with asyncio.timeout(stall):
+            return await receive()
+    except TimeoutError:
+        raise RequestTimeout(f"Request body stalled: nothing received for {stall:g} s") from None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int, *, stall: float | None = None) -> bytes:
+    """The whole request body, refused with 413 as soon as it is known to exceed `limit`
+    (and with 408 when it stalls for `stall` seconds)."""
+    declared = declared_length(scope)
+    if declared is not None and declared > limit:
+        raise too_large(limit)
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
+        message = await receive_body_part(receive, stall)
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
         if chunk:
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes")
+                raise too_large(limit)
             chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -110,3 +135,79 @@ class DisconnectWatch:
             self._task.uncancel()
             return True
         return False
+
+
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+_DISCONNECT: Message = {"type": "http.disconnect"}
+
+
+class BodyLimit:
+    """Pure-ASGI guard for an app that reads bodies itself (the FastAPI control plane): 413 as
+    soon as the declared or received size exceeds `limit`, 408 when the body stalls.
+
+    The refusal is sent from inside `receive`; the app is then told the client left, and
+    whatever it tries to answer after that is dropped: the client has its answer already.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, stall: float | None = None) -> None:
+        self.app = app
+        self.limit = limit
+        self.stall = stall
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            declared = declared_length(scope)
+            if declared is not None and declared > self.limit:
+                raise too_large(self.limit)
+        except ChatgateError as exc:
+            await send_json(send, exc.status, {"message": exc.message})
+            return
+        await _GuardedBody(self, receive, send).run(scope)
+
+
+class _GuardedBody:
+    """One request's receive/send pair under a `BodyLimit`."""
+
+    __slots__ = ("_limit", "_receive", "_send", "body_done", "received", "refused", "started")
+
+    def __init__(self, limit: BodyLimit, receive: Receive, send: Send) -> None:
+        self._limit = limit
+        self._receive = receive
+        self._send = send
+        self.received = 0
+        self.body_done = False
+        self.started = False
+        self.refused = False
+
+    async def run(self, scope: Scope) -> None:
+        await self._limit.app(scope, self.receive, self.send)
+
+    async def receive(self) -> Message:
+        if self.refused:
+            return _DISCONNECT
+        if self.body_done:
+            return await self._receive()
+        try:
+            message = await receive_body_part(self._receive, self._limit.stall)
+            if message["type"] == "http.request":
+                self.received += len(message.get("body", b""))
+                if self.received > self._limit.limit:
+                    raise too_large(self._limit.limit)
+                self.body_done = not message.get("more_body", False)
+            return message
+        except ChatgateError as exc:
+            if self.started:  # the app answered before reading its body: too late to refuse
+                return _DISCONNECT
+            self.refused = True
+            await send_json(self._send, exc.status, {"message": exc.message})
+            return _DISCONNECT
+
+    async def send(self, message: Message) -> None:
+        if self.refused:
+            return
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)

@@ -16,7 +16,8 @@ import aiohttp
 import orjson
 
 from chatgate.api.asgi import Receive, Scope, Send, parse_json, read_body
-from chatgate.api.relay import run_chat
+from chatgate.api.openapi import error_response
+from chatgate.api.relay import run_chat, with_usage
 from chatgate.errors import BadRequest, ChatgateError, UpstreamProtocolError, UpstreamStatus
 from chatgate.registry import parse_id
 from chatgate.runtime import Runtime
@@ -62,7 +63,8 @@ class CustomChat:
         runtime = self._runtime
         principal = await runtime.admit(scope)
         trace.user_id = principal.user_id
-        body = parse_json(await read_body(scope, receive, runtime.settings.max_body_bytes))
+        settings = runtime.settings
+        body = parse_json(await read_body(scope, receive, settings.max_body_bytes, stall=settings.client_timeout))
         model_ref, payload = _upstream_payload(body)
         record = await runtime.model_for_chat(principal, model_ref)
         payload.setdefault("model", record.model_id)
@@ -79,7 +81,7 @@ class CustomChat:
                     if event.data == DONE:
                         finished = True
                         break
-                    text = _delta_text(event.data)
+                    text = _delta_text(event.data, trace)
                     if text:
                         parts.append(text)
                 if parts:
@@ -102,10 +104,14 @@ class CustomChat:
             await send({"type": "http.response.body", "body": b""})
             trace.status = 200
 
-        await run_chat(runtime, receive, trace, record, payload, relay)
+        if runtime.registry.accepts_stream_options(record.id):
+            # Ask for the token counts (usage accounting); the usage chunk has no text to relay.
+            await run_chat(runtime, receive, trace, record, with_usage(payload), relay, fallback=payload)
+        else:
+            await run_chat(runtime, receive, trace, record, payload, relay)
 
 
-def _delta_text(data: bytes) -> str | None:
+def _delta_text(data: bytes, trace: ChatTrace) -> str | None:
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -115,6 +121,9 @@ def _delta_text(data: bytes) -> str | None:
     error = obj.get("error")
     if error is not None:
         raise UpstreamStatus(502, _in_band_message(error))
+    usage = obj.get("usage")
+    if usage is not None:
+        trace.count_tokens(usage)
     choices = obj.get("choices")
     if not choices or not isinstance(choices, list):
         return None  # a usage-only chunk, or a keep-alive object
@@ -163,3 +172,48 @@ def _upstream_payload(body: object) -> tuple[uuid.UUID, dict[str, Any]]:
         payload["temperature"] = temperature
     payload["stream"] = True
     return parse_id(model_ref), payload
+
+
+_MESSAGE = {"type": "object", "properties": {"role": {"type": "string"}, "content": {}}, "required": ["role"]}
+
+# Hand-written: this route is pure ASGI, outside FastAPI (see api/openapi.py).
+OPENAPI: dict[str, Any] = {
+    "post": {
+        "tags": ["chat"],
+        "summary": "Chat with a registered model (chatbot-ui's custom-model route)",
+        "operationId": "chat_custom",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "chatSettings": {
+                                "type": "object",
+                                "properties": {"model": {"type": "string"}, "temperature": {"type": "number"}},
+                            },
+                            "messages": {"type": "array", "items": _MESSAGE},
+                            "customModelId": {"type": "string", "format": "uuid"},
+                        },
+                        "required": ["chatSettings", "messages", "customModelId"],
+                    }
+                }
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "The answer's text, streamed as it arrives",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            "400": error_response("Malformed body, or a missing or mistyped field"),
+            "401": error_response("No or bad credential"),
+            "404": error_response("No such model, or not one the caller may use"),
+            "408": error_response("The request body stalled"),
+            "413": error_response("The request body is too large"),
+            "429": error_response("Over the caller's rate or concurrent-stream limit"),
+            "502": error_response("The model server failed or could not be reached"),
+            "504": error_response("The model server did not answer in time"),
+        },
+    }
+}

@@ -1,5 +1,5 @@
 """What both chat dialects share: find the model, open the upstream, watch for the client
-leaving, and turn a failure after the first byte into an aborted response."""
+leaving, and deal with a failure after the first byte the way the dialect wants."""
 
 from __future__ import annotations
 
@@ -12,15 +12,35 @@ import aiohttp
 import orjson
 
 from chatgate.api.asgi import DisconnectWatch, Receive
-from chatgate.errors import ChatgateError
+from chatgate.errors import ChatgateError, UpstreamStatus
 from chatgate.registry import ModelRecord
 from chatgate.runtime import Runtime
+from chatgate.security.crypto import mask
 from chatgate.trace import ChatTrace
 from chatgate.upstream.client import Target, chat_completions_url, stream_error
 
 log = logging.getLogger("chatgate.chat")
 
 Relay = Callable[[aiohttp.ClientResponse], Awaitable[None]]
+# What a dialect does with a failure after the response began; None leaves it incomplete
+# (aborted), so that a client can tell the answer is cut short.
+OnFailure = Callable[[ChatgateError], Awaitable[None]]
+
+INCLUDE_USAGE = {"include_usage": True}
+
+
+def with_usage(payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` asking a streaming upstream for token counts (`stream_options.include_usage`)."""
+    options = payload.get("stream_options")
+    merged = {**options, **INCLUDE_USAGE} if isinstance(options, dict) else INCLUDE_USAGE
+    return {**payload, "stream_options": merged}
+
+
+def refuses_stream_options(exc: UpstreamStatus) -> bool:
+    """Whether an upstream error says it does not take `stream_options` (older vLLM, Azure,
+    Mistral and strict proxies answer 400 or 422 naming the field)."""
+    message = exc.message.lower()
+    return exc.status in (400, 422) and ("stream_options" in message or "stream options" in message)
 
 
 async def run_chat(
@@ -30,22 +50,38 @@ async def run_chat(
     record: ModelRecord,
     payload: dict[str, Any],
     relay: Relay,
+    *,
+    accept: str = "text/event-stream",
+    on_failure: OnFailure | None = None,
+    fallback: dict[str, Any] | None = None,
+    first_byte_timeout: float | None = None,
 ) -> None:
     """Send `payload` to the model's server and hand the open response to `relay`.
 
-    Raises `ChatgateError` while nothing has been sent; afterwards a failure is logged and the
-    response is left incomplete, which the server turns into an aborted connection.
+    Raises `ChatgateError` while nothing has been sent; afterwards a failure is logged and handed
+    to `on_failure`, or the response is left incomplete, which the server turns into an aborted
+    connection. `fallback` is the request to send instead, once, when the upstream refuses the
+    `stream_options` chatgate added to `payload`; the refusal is remembered for the model.
+    `first_byte_timeout` replaces the setting for this request (a non-streamed answer's head
+    comes only when the whole answer is ready).
     """
     trace.model_id = record.id
     target = Target(chat_completions_url(record.base_url), record.api_key)
-    body = orjson.dumps(payload)
     watch = DisconnectWatch(receive)
     try:
-        async with runtime.limiter.stream(str(trace.user_id)), runtime.upstream.post(target, body) as response:
+        async with runtime.limiter.stream(str(trace.user_id)):
             try:
-                await relay(response)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise stream_error(exc, runtime.settings) from exc
+                await _exchange(runtime, target, orjson.dumps(payload), accept, first_byte_timeout, relay)
+            except UpstreamStatus as exc:
+                if fallback is None or trace.started or not refuses_stream_options(exc):
+                    raise
+                runtime.registry.refuses_stream_options(record.id)
+                log.info(
+                    "request %s: model %s refuses stream_options; retrying without (token counts unknown)",
+                    trace.request_id,
+                    record.id,
+                )
+                await _exchange(runtime, target, orjson.dumps(fallback), accept, first_byte_timeout, relay)
     except asyncio.CancelledError:
         if not watch.absorb():
             raise
@@ -53,10 +89,36 @@ async def run_chat(
         trace.status = trace.status or 499
         log.info("request %s: client went away; upstream request closed", trace.request_id)
     except ChatgateError as exc:
+        scrub_key(exc, record.api_key)
         if not trace.started:
             raise
         trace.error = exc.message
         trace.status = exc.status
-        log.warning("request %s: stream aborted after %d bytes: %s", trace.request_id, trace.bytes_out, exc.message)
+        outcome = "aborted" if on_failure is None else "ended with an error event"
+        log.warning("request %s: stream %s after %d bytes: %s", trace.request_id, outcome, trace.bytes_out, exc.message)
+        if on_failure is not None:
+            watch.stop()  # what is sent now to a client that left is dropped, not cancelled
+            await on_failure(exc)
     finally:
         watch.stop()
+
+
+def scrub_key(exc: ChatgateError, api_key: str) -> None:
+    """Mask the model's key wherever an upstream echoed it in an error ("Incorrect API key
+    provided: sk-…"): the caller of a shared model must not learn its owner's key."""
+    if not api_key:
+        return
+    if api_key in exc.message:
+        exc.message = exc.message.replace(api_key, mask(api_key))
+    if isinstance(exc, UpstreamStatus) and api_key.encode() in exc.body:
+        exc.body = exc.body.replace(api_key.encode(), mask(api_key).encode())
+
+
+async def _exchange(
+    runtime: Runtime, target: Target, body: bytes, accept: str, first_byte_timeout: float | None, relay: Relay
+) -> None:
+    async with runtime.upstream.post(target, body, accept=accept, first_byte_timeout=first_byte_timeout) as response:
+        try:
+            await relay(response)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise stream_error(exc, runtime.settings) from exc

@@ -8,7 +8,8 @@ Two kinds of credential, both as `Authorization: Bearer …`:
 from __future__ import annotations
 
 import uuid
-from http.cookies import CookieError, SimpleCookie
+
+from starlette.requests import cookie_parser
 
 from chatgate.accounts import Accounts
 from chatgate.errors import Unauthorized
@@ -65,9 +66,6 @@ class Authenticator:
 
 
 def _parse_cookies(raw: bytes) -> dict[str, str]:
-    jar: SimpleCookie = SimpleCookie()
-    try:
-        jar.load(raw.decode("latin-1"))
-    except CookieError:
-        return {}
-    return {key: morsel.value for key, morsel in jar.items()}
+    # Leniently, as browsers send them: a Supabase session cookie may be raw JSON (quotes,
+    # spaces, commas), which http.cookies' strict parser drops.
+    return cookie_parser(raw.decode("latin-1"))

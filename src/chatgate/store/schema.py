@@ -46,3 +46,22 @@ tokens = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
 )
+
+# One row per chat (usage accounting); times in seconds, tokens NULL when the upstream did not say.
+usage = sa.Table(
+    "chatgate_usage",
+    metadata,
+    sa.Column("request_id", sa.Text(), primary_key=True),
+    sa.Column("endpoint", sa.Text(), nullable=False),
+    sa.Column("model_id", sa.Uuid(), nullable=True),
+    sa.Column("user_id", sa.Uuid(), nullable=True),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("status", sa.Integer(), nullable=False),
+    sa.Column("ttfb", sa.Float(), nullable=True),
+    sa.Column("duration", sa.Float(), nullable=True),
+    sa.Column("prompt_tokens", sa.Integer(), nullable=True),
+    sa.Column("completion_tokens", sa.Integer(), nullable=True),
+    sa.Column("bytes_out", sa.BigInteger(), nullable=False),
+    sa.Column("client_gone", sa.Boolean(), nullable=False),
+    sa.Column("error", sa.Text(), nullable=True),
+)

@@ -107,9 +107,10 @@ class UpstreamClient:
 
     @asynccontextmanager
     async def post(
-        self, target: Target, body: bytes, *, accept: str = "text/event-stream"
+        self, target: Target, body: bytes, *, accept: str = "text/event-stream", first_byte_timeout: float | None = None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """POST `body` to the target; yields a successful response, closes it on exit.
+        `first_byte_timeout` replaces the setting of that name for this request.
 
         Raises an `UpstreamError` (or `BadRequest` for a refused address) before yielding.
         """
@@ -123,9 +124,17 @@ class UpstreamClient:
         if target.api_key:
             headers["Authorization"] = "Bearer " + target.api_key
         try:
-            response = await self._session.post(target.url, data=body, headers=headers, allow_redirects=False)
+            timeout = self._timeout
+            if first_byte_timeout is not None:
+                timeout = aiohttp.ClientTimeout(
+                    total=None, sock_connect=self._settings.connect_timeout, sock_read=first_byte_timeout
+                )
+            response = await self._session.post(
+                target.url, data=body, headers=headers, allow_redirects=False, timeout=timeout
+            )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout(_timeout_message(exc, self._settings)) from exc
+            waited = first_byte_timeout if first_byte_timeout is not None else self._settings.first_byte_timeout
+            raise UpstreamTimeout(_timeout_message(exc, self._settings, waited)) from exc
         except aiohttp.ClientConnectorError as exc:
             blocked = _blocked(exc)
             if blocked is not None:
@@ -133,11 +142,16 @@ class UpstreamClient:
             raise UpstreamUnreachable(f"The model server could not be reached ({exc.host}:{exc.port})") from exc
         except aiohttp.InvalidURL as exc:
             raise BadRequest("The model's base URL is not a valid URL", param="base_url") from exc
+        except ValueError:
+            # aiohttp refuses control characters in headers; only the key can carry them (rows
+            # written by chatbot-ui; chatgate refuses them at write time). Never echo the value.
+            raise BadRequest("The model's API key cannot be sent in an HTTP header", param="api_key") from None
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable("The model server closed the connection before answering") from exc
         try:
             if response.status >= 400:
-                raise UpstreamStatus(response.status, await _error_text(response))
+                body = await _error_body(response)
+                raise UpstreamStatus(response.status, error_message(body) or "", body=body)
             if response.status >= 300:
                 raise UpstreamProtocolError(
                     f"The model server answered a redirect ({response.status}); chatgate does not follow them"
@@ -155,10 +169,10 @@ class UpstreamClient:
                 response.close()
 
 
-def _timeout_message(exc: BaseException, settings: Settings) -> str:
+def _timeout_message(exc: BaseException, settings: Settings, waited: float) -> str:
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return f"The model server did not accept a connection within {settings.connect_timeout:g} s"
-    return f"The model server sent no response within {settings.first_byte_timeout:g} s"
+    return f"The model server sent no response within {waited:g} s"
 
 
 def _blocked(exc: aiohttp.ClientConnectorError) -> BadRequest | None:
@@ -168,14 +182,12 @@ def _blocked(exc: aiohttp.ClientConnectorError) -> BadRequest | None:
     return None
 
 
-async def _error_text(response: aiohttp.ClientResponse) -> str:
+async def _error_body(response: aiohttp.ClientResponse) -> bytes:
     try:
         async with asyncio.timeout(5):
-            body = await response.content.read(_MAX_ERROR_BODY)
+            return await response.content.read(_MAX_ERROR_BODY)
     except (TimeoutError, aiohttp.ClientError):
-        body = b""
-    message = error_message(body)
-    return message if message is not None else ""
+        return b""
 
 
 def stream_error(exc: BaseException, settings: Settings) -> UpstreamError:

@@ -8,6 +8,7 @@ multi-line `data:` fields, and events without a trailing blank line at end of st
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 DONE = b"[DONE]"
@@ -80,3 +81,62 @@ class SSEDecoder:
         elif field == b"event":
             self._event = value
         # `id` and `retry` mean nothing to a relay that does not reconnect.
+
+
+# A blank line ends an event: two line ends in a row, each CR, LF or CRLF (a CR followed by LF
+# is one CRLF, never two line ends).
+_BLANK_LINE = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+
+
+def split_events(data: bytes) -> list[bytes]:
+    """Cut whole events apart as raw bytes, each with the blank line that ends it."""
+    events: list[bytes] = []
+    start = 0
+    for match in _BLANK_LINE.finditer(data):
+        events.append(data[start : match.end()])
+        start = match.end()
+    if start < len(data):
+        events.append(data[start:])
+    return events
+
+
+def decode_event(raw: bytes) -> list[Event]:
+    """The events in raw bytes that `split_events` cut out (or a stream's unterminated end)."""
+    decoder = SSEDecoder()
+    return decoder.feed(raw) + decoder.flush()
+
+
+class EventFramer:
+    """Cuts a byte stream at event boundaries without decoding it, for a relay that passes the
+    upstream's bytes through as they are.
+
+    `feed` returns the complete events of a read and keeps an unfinished one for the next: no SSE
+    client can dispatch half an event, so holding it back costs no latency, and the relay gets
+    whole events to look into. A stream that never ends an event is passed through once the held
+    part exceeds `max_held` bytes."""
+
+    __slots__ = ("_held", "_max_held")
+
+    def __init__(self, max_held: int = 1 << 20) -> None:
+        self._held = b""
+        self._max_held = max_held
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._held:
+            chunk = self._held + chunk
+            self._held = b""
+        if chunk.endswith(_EVENT_ENDS):  # what real servers write: whole events per read
+            return chunk
+        end = 0
+        for match in _BLANK_LINE.finditer(chunk):
+            end = match.end()
+        if len(chunk) - end > self._max_held:
+            return chunk
+        self._held = chunk[end:]
+        return chunk[:end]
+
+    def flush(self) -> bytes:
+        """End of stream: whatever was held (an event without its closing blank line)."""
+        held, self._held = self._held, b""
+        return held

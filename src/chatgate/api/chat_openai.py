@@ -1,0 +1,343 @@
+"""`POST /v1/chat/completions`: the OpenAI API over the registry, for the official SDKs and the
+tools built on them.
+
+`model` names a registered model by its chatgate id or its name; the row's `model_id` goes
+upstream and every other field passes through untouched. A stream is relayed as the upstream's
+own bytes, one write per upstream read, looking inside an event only when a cheap byte search
+says it may carry what chatgate needs: the token counts (`"usage":{`), an in-band error, or
+`[DONE]`. Errors have OpenAI's shape and status, so the SDKs raise their usual exceptions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from chatgate.api.asgi import Receive, Scope, Send, parse_json, read_body
+from chatgate.api.relay import run_chat, with_usage
+from chatgate.errors import BadRequest, ChatgateError, UpstreamStatus
+from chatgate.registry import ModelRecord
+from chatgate.runtime import Runtime
+from chatgate.trace import ChatTrace
+from chatgate.upstream.sse import DONE, EventFramer, decode_event, split_events
+
+log = logging.getLogger("chatgate.chat")
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # nginx in front: do not buffer the stream
+]
+DONE_EVENT = b"data: [DONE]\n\n"
+
+# What makes an event worth decoding, found by byte search (a few hundred ns a read, against
+# about a microsecond to parse it). Inside a JSON string a quote is escaped, so these match keys
+# only. A usage object is `"usage":` then `{`: `"usage":null`, which OpenAI puts in every chunk
+# once usage is asked for, is skipped. [DONE] is looked for at the end of a read, where servers
+# write it; one in the middle is still relayed, and the stream is not given a second one.
+_USAGE_KEY = b'"usage":'
+_ERROR_KEY = b'"error":'
+_DONE_ENDS = (b"[DONE]\n\n", b"[DONE]\r\n\r\n", b"[DONE]\r\r")
+
+
+def _worth_a_look(data: bytes) -> bool:
+    if _ERROR_KEY in data or data.endswith(_DONE_ENDS):
+        return True
+    at = data.find(_USAGE_KEY)
+    while at >= 0:
+        if data[at + 8 : at + 10].lstrip()[:1] == b"{":
+            return True
+        at = data.find(_USAGE_KEY, at + 8)
+    return False
+
+
+def error_type(exc: ChatgateError) -> str:
+    """OpenAI's error `type` for a status (the SDKs pick their exception class by status)."""
+    if exc.status >= 500:
+        return "api_error"
+    return {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        exc.status, "invalid_request_error"
+    )
+
+
+def render_error(exc: ChatgateError) -> dict[str, Any]:
+    """`{"error": {"message", "type", "param", "code"}}`; an upstream's own OpenAI-shaped error
+    object is passed through as it came."""
+    if isinstance(exc, UpstreamStatus) and exc.body:
+        try:
+            upstream = orjson.loads(exc.body)
+        except orjson.JSONDecodeError:
+            upstream = None
+        if isinstance(upstream, dict) and isinstance(upstream.get("error"), dict):
+            return {"error": upstream["error"]}
+    return {"error": {"message": exc.message, "type": error_type(exc), "param": exc.param, "code": exc.code}}
+
+
+def model_ids(records: Iterable[ModelRecord]) -> list[tuple[str, ModelRecord]]:
+    """The `id` each model has in `/v1/models`: its name when no other of `records` (the models
+    the caller may use) has the same name, else its chatgate id. Either is accepted as `model`."""
+    records = list(records)
+    names = Counter(record.name for record in records)
+    return [(record.name if names[record.name] == 1 else str(record.id), record) for record in records]
+
+
+def model_object(model_id: str, record: ModelRecord) -> dict[str, Any]:
+    """A model as `/v1/models` lists it (OpenAI's fields, plus its chatgate id and name)."""
+    created = int(record.created_at.timestamp()) if record.created_at else 0
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "chatgate",
+        "name": record.name,
+        "chatgate_id": str(record.id),
+    }
+
+
+class OpenAIChat:
+    """The chat handler: `(scope, receive, send, trace)`; errors before the first byte are
+    raised for the gateway to render with `render_error`."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, trace: ChatTrace) -> None:
+        runtime = self._runtime
+        principal = await runtime.admit(scope)
+        trace.user_id = principal.user_id
+        settings = runtime.settings
+        body = parse_json(await read_body(scope, receive, settings.max_body_bytes, stall=settings.client_timeout))
+        if not isinstance(body, dict):
+            raise BadRequest("Request body must be a JSON object")
+        ref = body.get("model")
+        if not isinstance(ref, str) or not ref:
+            raise BadRequest("model is required and must be a string", param="model")
+        stream = body.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise BadRequest("stream must be a boolean", param="stream")
+        record = await runtime.model_by_ref(principal, ref)
+        payload = {**body, "model": record.model_id}
+        headers = [(b"x-request-id", trace.request_id.encode())]
+        if not stream:
+            relay_json = _JSONRelay(send, trace, headers)
+            await run_chat(
+                runtime,
+                receive,
+                trace,
+                record,
+                payload,
+                relay_json,
+                accept="application/json",
+                first_byte_timeout=settings.completion_timeout,
+            )
+            return
+        options = body.get("stream_options")
+        asked = isinstance(options, dict) and options.get("include_usage") is True
+        relay = _StreamRelay(send, trace, headers, strip_usage=not asked)
+        if asked or not runtime.registry.accepts_stream_options(record.id):
+            await run_chat(runtime, receive, trace, record, payload, relay, on_failure=relay.fail)
+        else:
+            # Ask for the token counts; the usage chunk is kept from a client that did not ask.
+            await run_chat(
+                runtime, receive, trace, record, with_usage(payload), relay, on_failure=relay.fail, fallback=payload
+            )
+
+
+def _has_done(data: bytes) -> bool:
+    return b"[DONE]" in data and any(event.data == DONE for raw in split_events(data) for event in decode_event(raw))
+
+
+class _JSONRelay:
+    """A non-streamed answer: the upstream's JSON body as it came, its `usage` counted."""
+
+    __slots__ = ("_headers", "_send", "_trace")
+
+    def __init__(self, send: Send, trace: ChatTrace, headers: list[tuple[bytes, bytes]]) -> None:
+        self._send = send
+        self._trace = trace
+        self._headers = headers
+
+    async def __call__(self, response: aiohttp.ClientResponse) -> None:
+        body = await response.read()
+        trace = self._trace
+        if _USAGE_KEY in body:
+            try:
+                answer = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                answer = None
+            if isinstance(answer, dict):
+                trace.count_tokens(answer.get("usage"))
+        content_type = response.headers.get("Content-Type", "application/json").encode("latin-1")
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *self._headers]
+        trace.first_byte()
+        await self._send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body})
+        trace.bytes_out += len(body)
+        trace.status = response.status
+
+
+class _StreamRelay:
+    """A streamed answer: the upstream's events as they arrive, ending with `data: [DONE]`."""
+
+    __slots__ = ("_headers", "_send", "_strip_usage", "_trace")
+
+    def __init__(self, send: Send, trace: ChatTrace, headers: list[tuple[bytes, bytes]], *, strip_usage: bool) -> None:
+        self._send = send
+        self._trace = trace
+        self._headers = headers
+        self._strip_usage = strip_usage
+
+    async def __call__(self, response: aiohttp.ClientResponse) -> None:
+        send, trace = self._send, self._trace
+        framer = EventFramer()
+        done = False
+        last = b""
+        async for chunk in response.content.iter_any():
+            data = framer.feed(chunk)
+            if data and _worth_a_look(data):
+                data, done = self._look_into(data)
+            if data:
+                if not trace.started:
+                    await self._start()
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                trace.bytes_out += len(data)
+                last = data
+            if done:
+                break
+        tail = b""
+        if not done:
+            # A clean end without [DONE] (some servers), perhaps with an unterminated last event.
+            held = framer.flush()
+            if held:
+                held, done = self._look_into(held + b"\n\n")
+            if not done and not _has_done(last):
+                held += DONE_EVENT
+            tail = held
+        if not trace.started:
+            await self._start()
+        await send({"type": "http.response.body", "body": tail})
+        trace.bytes_out += len(tail)
+        trace.status = trace.status or 200
+
+    async def _start(self) -> None:
+        self._trace.first_byte()
+        await self._send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + self._headers})
+
+    def _look_into(self, data: bytes) -> tuple[bytes, bool]:
+        """Count tokens and note errors in these whole events; drop the usage chunk from a client
+        that did not ask for it, and anything after [DONE]. Returns the bytes to send and whether
+        [DONE] was among them."""
+        kept: list[bytes] = []
+        dropped = False
+        for raw in split_events(data):
+            if not _worth_a_look(raw):
+                kept.append(raw)
+                continue
+            keep = True
+            for event in decode_event(raw):
+                if event.data == DONE:
+                    kept.append(raw)
+                    return b"".join(kept), True
+                keep = self._note(event.data) and keep
+            if keep:
+                kept.append(raw)
+            else:
+                dropped = True
+        return (b"".join(kept) if dropped else data), False
+
+    def _note(self, data: bytes) -> bool:
+        """Take what chatgate needs from one event's data; False if the event is not to be sent."""
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return True  # not ours to judge: the client's SDK will
+        if not isinstance(chunk, dict):
+            return True
+        trace = self._trace
+        error = chunk.get("error")
+        if error is not None:
+            message = error.get("message") if isinstance(error, dict) else error
+            trace.status = 502
+            trace.error = message if isinstance(message, str) else orjson.dumps(error).decode()
+            log.warning("request %s: the model server sent an error event: %s", trace.request_id, trace.error)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            trace.count_tokens(usage)
+            if self._strip_usage and not chunk.get("choices"):
+                return False
+        return True
+
+    async def fail(self, exc: ChatgateError) -> None:
+        """A failure after the stream began: an error event, then the end of the stream."""
+        event = b"data: " + orjson.dumps(render_error(exc)) + b"\n\n"
+        await self._send({"type": "http.response.body", "body": event})
+        self._trace.bytes_out += len(event)
+
+
+_MESSAGE = {"type": "object", "properties": {"role": {"type": "string"}, "content": {}}, "required": ["role"]}
+_ERROR = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+            "required": ["message", "type"],
+        }
+    },
+    "required": ["error"],
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
+
+
+# Hand-written: this route is pure ASGI, outside FastAPI (see api/openapi.py).
+OPENAPI: dict[str, Any] = {
+    "post": {
+        "tags": ["openai"],
+        "summary": "Chat with a registered model (OpenAI's chat completions API)",
+        "operationId": "chat_completions",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "model": {"type": "string", "description": "A model's id or name, as /v1/models lists"},
+                            "messages": {"type": "array", "items": _MESSAGE},
+                            "stream": {"type": "boolean"},
+                        },
+                        "required": ["model"],
+                        "additionalProperties": True,
+                    }
+                }
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "A chat.completion, or with stream=true chat.completion.chunk events then [DONE]",
+                "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},
+            },
+            "400": _error("Malformed body, or an ambiguous model name"),
+            "401": _error("No or bad credential"),
+            "404": _error("No such model, or not one the caller may use"),
+            "408": _error("The request body stalled"),
+            "413": _error("The request body is too large"),
+            "429": _error("Over the caller's rate or concurrent-stream limit"),
+            "502": _error("The model server failed or could not be reached"),
+            "504": _error("The model server did not answer in time"),
+        },
+    }
+}

@@ -1,0 +1,128 @@
+"""uvicorn's httptools protocol with the two limits it lacks for a server facing the Internet.
+
+uvicorn (0.54, httptools) buffers a request head of any size and waits for it forever: one
+client could send gigabytes of headers, or open connections and trickle bytes (slowloris).
+This subclass refuses a head larger than `max_head_bytes` with 431 and one that takes longer
+than `head_timeout` seconds with 408, closing the connection either way. Bodies are bounded
+in the application (`api.asgi.BodyLimit`, `read_body`): they belong to a request by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from chatgate.config import Settings
+
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class _HeadRefused(Exception):
+    """Raised from a parser callback to stop parsing a head that is refused."""
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """An httptools protocol that bounds the size of, and the time spent on, each request head."""
+
+    max_head_bytes = MAX_HEAD_BYTES
+    head_timeout = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_bytes = 0
+        self._head_done = False
+        self._heads = 0  # heads completed on this connection
+        self._head_size = 0  # bytes of the current head, as parsed
+        self._refusal: tuple[int, str] | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()  # also bounds a connection that never sends a byte
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._head_done:
+            self._arm_head_timer()
+        heads = self._heads
+        super().data_received(data)
+        # Counted after parsing, and only when no head completed in this read: a read that
+        # completes a head (and carries body bytes after it) is not an oversized head.
+        if heads == self._heads and not self._head_done and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse(431, f"Request headers are larger than the limit of {self.max_head_bytes} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count(self, size: int) -> None:
+        """Count parsed head bytes (exact, even when a whole head arrives in one read)."""
+        self._head_size += size
+        if self._head_size > self.max_head_bytes:
+            self._refusal = (431, f"Request headers are larger than the limit of {self.max_head_bytes} bytes")
+            raise _HeadRefused  # stops the parser; uvicorn then calls send_400_response
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refusal is not None:
+            self._refuse(*self._refusal)
+        else:
+            super().send_400_response(msg)
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+        self._heads += 1
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # What arrives next on this connection is the next request's head.
+        self._head_done = False
+        self._head_bytes = 0
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_bytes:
+            self._refuse(408, f"Request headers not received within {self.head_timeout:g} s")
+        else:
+            self.transport.close()  # nothing was asked: nothing to answer
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._cancel_head_timer()
+        body = orjson.dumps({"message": message})
+        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        self.transport.write(head % (status, reason, len(body)) + body)
+        self.transport.close()
+
+
+def protocol_for(settings: Settings) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class uvicorn should use for these settings."""
+    return type("ChatgateHttpProtocol", (GuardedHttpToolsProtocol,), {"head_timeout": settings.client_timeout})

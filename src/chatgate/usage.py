@@ -1,0 +1,307 @@
+"""Usage accounting: one row per chat, written in batches off the chat path, and the reports.
+
+Recording never delays or breaks a chat: `UsageRecorder.record` only appends to a bounded
+in-memory queue (a full queue drops the row with a warning rather than grow without bound), and
+a background task writes what has gathered in one multi-row insert. A failed write is logged and
+the rows are dropped; the chat they describe went on regardless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import statistics
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatgate.errors import ChatgateError
+from chatgate.store.schema import models as models_table
+from chatgate.store.schema import usage as usage_table
+from chatgate.trace import ChatTrace
+
+log = logging.getLogger("chatgate.usage")
+
+CLIENT_GONE = 499  # nginx's "client closed request": the status of a chat the client left
+_ERROR_MAX = 1000
+_STOP = object()
+
+
+def usage_row(trace: ChatTrace) -> dict[str, Any]:
+    """The row that records a finished chat."""
+    status = trace.status or (CLIENT_GONE if trace.client_gone else 0)
+    return {
+        "request_id": trace.request_id,
+        "endpoint": trace.endpoint,
+        "model_id": trace.model_id,
+        "user_id": trace.user_id,
+        "started_at": trace.started_at,
+        "status": status,
+        "ttfb": trace.ttfb,
+        "duration": trace.duration,
+        "prompt_tokens": trace.prompt_tokens,
+        "completion_tokens": trace.completion_tokens,
+        "bytes_out": trace.bytes_out,
+        "client_gone": trace.client_gone,
+        "error": trace.error[:_ERROR_MAX] if trace.error else None,
+    }
+
+
+class UsageRecorder:
+    """Takes finished chats on the chat path and writes them in batches in the background."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        max_pending: int = 10_000,
+        batch_size: int = 500,
+        linger: float = 0.2,
+        write_timeout: float = 10.0,
+    ) -> None:
+        self._engine = engine
+        self._max_pending = max_pending
+        self._batch_size = batch_size
+        self._linger = linger
+        self._write_timeout = write_timeout
+        # Unbounded as a queue; `record` enforces the bound, so the stop marker always fits.
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.dropped = 0
+        self._last_warning = -math.inf
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="chatgate-usage")
+        self._task.add_done_callback(_report_crash)
+
+    def record(self, trace: ChatTrace) -> None:
+        """Queue a finished chat for writing; never blocks, never raises."""
+        if self._closed or self._queue.qsize() >= self._max_pending:
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._last_warning > 10:  # one line per 10 s, not one per dropped chat
+                self._last_warning = now
+                log.warning("usage: %d row(s) dropped so far: the writer is behind or stopped", self.dropped)
+            return
+        self._queue.put_nowait(trace)
+
+    async def close(self) -> None:
+        """Write what is queued, then stop (waits at most about `write_timeout`)."""
+        if self._closed:
+            return
+        self._closed = True
+        task = self._task
+        if task is None or task.done():
+            return
+        self._queue.put_nowait(_STOP)
+        try:
+            await asyncio.wait_for(task, self._write_timeout + 1)
+        except TimeoutError:
+            log.warning("usage: %d row(s) not written at shutdown", self._queue.qsize())
+
+    async def _run(self) -> None:
+        queue = self._queue
+        while True:
+            item = await queue.get()
+            if item is _STOP:
+                return
+            if self._linger and not self._closed:
+                await asyncio.sleep(self._linger)  # let a burst gather into one insert
+            batch = [item]
+            stop = False
+            while len(batch) < self._batch_size and not queue.empty():
+                item = queue.get_nowait()
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            await self._write(batch)
+            if stop:
+                return
+
+    async def _write(self, batch: list[Any]) -> None:
+        rows = [usage_row(trace) for trace in batch]
+        try:
+            async with asyncio.timeout(self._write_timeout), self._engine.begin() as conn:
+                await conn.execute(usage_table.insert(), rows)
+        except (SQLAlchemyError, ChatgateError, OSError, TimeoutError) as exc:
+            cause = exc.__cause__ if isinstance(exc, ChatgateError) and exc.__cause__ is not None else exc
+            detail = str(cause).strip().splitlines()
+            log.warning(
+                "usage: %d row(s) not recorded: %s: %s", len(rows), type(cause).__name__, detail[0] if detail else ""
+            )
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("usage: the writer stopped on a bug; chats are no longer recorded", exc_info=task.exception())
+
+
+# ----- reading ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One recorded chat, with the model's name when the model still exists."""
+
+    request_id: str
+    endpoint: str
+    model_id: uuid.UUID | None
+    model_name: str | None
+    user_id: uuid.UUID | None
+    started_at: datetime
+    status: int
+    ttfb: float | None
+    duration: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    bytes_out: int
+    client_gone: bool
+    error: str | None
+
+    @property
+    def failed(self) -> bool:
+        """An error answer (a client that went away is not one)."""
+        return self.status >= 400 and self.status != CLIENT_GONE
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "endpoint": self.endpoint,
+            "model_id": str(self.model_id) if self.model_id else None,
+            "model_name": self.model_name,
+            "user_id": str(self.user_id) if self.user_id else None,
+            "started_at": self.started_at.isoformat(),
+            "status": self.status,
+            "ttfb": self.ttfb,
+            "duration": self.duration,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "bytes_out": self.bytes_out,
+            "client_gone": self.client_gone,
+            "error": self.error,
+        }
+
+
+def _utc(value: datetime) -> datetime:
+    # Naive means UTC, as chatgate writes it (and as SQLite hands it back).
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _uuid(value: Any) -> uuid.UUID | None:
+    if value is None or isinstance(value, uuid.UUID):
+        return value
+    return uuid.UUID(str(value))
+
+
+async def query_usage(
+    engine: AsyncEngine,
+    *,
+    model: str | None = None,
+    user_id: uuid.UUID | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int | None = None,
+) -> list[UsageRecord]:
+    """Recorded chats, newest first. `model` is a model's id or name (a name matches every model
+    that has it); `since` is inclusive and `until` exclusive."""
+    u = usage_table
+    query = sa.select(u, models_table.c.name.label("model_name")).select_from(
+        u.outerjoin(models_table, u.c.model_id == models_table.c.id)
+    )
+    if model is not None:
+        try:
+            query = query.where(u.c.model_id == uuid.UUID(model))
+        except ValueError:
+            named = sa.select(models_table.c.id).where(models_table.c.name == model)
+            query = query.where(u.c.model_id.in_(named))
+    if user_id is not None:
+        query = query.where(u.c.user_id == user_id)
+    if since is not None:
+        query = query.where(u.c.started_at >= _utc(since))
+    if until is not None:
+        query = query.where(u.c.started_at < _utc(until))
+    query = query.order_by(u.c.started_at.desc(), u.c.request_id)
+    if limit is not None:
+        query = query.limit(limit)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    return [
+        UsageRecord(
+            request_id=row.request_id,
+            endpoint=row.endpoint,
+            model_id=_uuid(row.model_id),
+            model_name=row.model_name,
+            user_id=_uuid(row.user_id),
+            started_at=_utc(row.started_at),
+            status=row.status,
+            ttfb=row.ttfb,
+            duration=row.duration,
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+            bytes_out=row.bytes_out,
+            client_gone=bool(row.client_gone),
+            error=row.error,
+        )
+        for row in rows
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class DaySummary:
+    """One model's chats on one (UTC) day. Token sums cover the chats whose counts are known."""
+
+    model: str
+    day: date
+    requests: int
+    errors: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    ttfb_p50: float | None
+    ttfb_p95: float | None
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    """The nearest-rank percentile (a value that occurred), None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def _sum_known(values: list[int | None]) -> int | None:
+    known = [value for value in values if value is not None]
+    return sum(known) if known else None
+
+
+def summarize(records: list[UsageRecord]) -> list[DaySummary]:
+    """Per model and day: requests, errors, tokens, median and p95 time to first byte."""
+    groups: dict[tuple[str, date], list[UsageRecord]] = defaultdict(list)
+    for record in records:
+        label = record.model_name or (str(record.model_id) if record.model_id else "(no model)")
+        groups[(label, record.started_at.date())].append(record)
+    summaries = []
+    for (label, day), group in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
+        ttfbs = [r.ttfb for r in group if r.ttfb is not None]
+        summaries.append(
+            DaySummary(
+                model=label,
+                day=day,
+                requests=len(group),
+                errors=sum(1 for r in group if r.failed),
+                prompt_tokens=_sum_known([r.prompt_tokens for r in group]),
+                completion_tokens=_sum_known([r.completion_tokens for r in group]),
+                ttfb_p50=statistics.median(ttfbs) if ttfbs else None,
+                ttfb_p95=percentile(ttfbs, 0.95),
+            )
+        )
+    return summaries
