@@ -254,7 +254,7 @@ def run_chatgate(b: Bench) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="chatgate-bench-"))
     port = procs.free_port()
     streams = hold_for(b.opts, 2, b.notes, "chatgate")
-    env = {**os.environ, **chatgate_env.env(data_dir, port, max(streams, 1000) + 100)}
+    env = {**os.environ, **chatgate_env.env(data_dir, port)}
     try:
         chatgate_env.check_cli(env, ROOT)
         models = chatgate_env.register(env, ROOT, b.upstream.port)

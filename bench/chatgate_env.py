@@ -20,7 +20,7 @@ class BenchModels:
     slow: str  # model id routed to the upstream's hold stream
 
 
-def env(data_dir: Path, port: int, max_upstream_connections: int) -> dict[str, str]:
+def env(data_dir: Path, port: int) -> dict[str, str]:
     """The environment of every chatgate command of the bench."""
     return {
         "CHATGATE_DATABASE_URL": f"sqlite:///{data_dir}/bench.db",
@@ -29,8 +29,6 @@ def env(data_dir: Path, port: int, max_upstream_connections: int) -> dict[str, s
         "CHATGATE_ALLOW_PRIVATE_UPSTREAMS": "true",
         "CHATGATE_LOG_LEVEL": "warning",
         "CHATGATE_WORKERS": "1",
-        # The hold scenario keeps one upstream connection per stream open.
-        "CHATGATE_UPSTREAM_MAX_CONNECTIONS": str(max_upstream_connections),
     }
 
 

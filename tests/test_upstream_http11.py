@@ -232,3 +232,27 @@ def test_unread_body_closes_the_connection_on_release() -> None:
         server.close()
 
     run(main())
+
+
+def test_a_reused_connection_carries_no_timer_from_its_last_request() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async def main() -> None:
+        server, url = await serve(handler)
+        pool = Pool(await loopback(), connect_timeout=2, idle_timeout=0.2)
+        for _ in range(3):
+            response = await pool.request(url, b"", b"{}", first_byte_timeout=2)
+            assert await response.read() == b"ok"
+            response.release()
+            await asyncio.sleep(0.3)  # longer than the idle timeout, between requests
+        await pool.close()
+        server.close()
+
+    run(main())

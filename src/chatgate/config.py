@@ -31,7 +31,6 @@ class Settings(BaseSettings):
     idle_timeout: float = Field(60.0, gt=0)
     # A non-streamed answer's head comes only when the whole answer is ready: its own, longer wait.
     completion_timeout: float = Field(600.0, gt=0)
-    upstream_max_connections: int = Field(1000, ge=1)
 
     # Size of the in-process model cache (entries) and its safety-net TTL (seconds).
     model_cache_size: int = Field(1024, ge=1)

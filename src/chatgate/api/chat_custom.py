@@ -12,7 +12,6 @@ import logging
 import uuid
 from typing import Any
 
-import aiohttp
 import orjson
 
 from chatgate.api.asgi import Receive, Scope, Send, parse_json, read_body
@@ -22,6 +21,7 @@ from chatgate.errors import BadRequest, ChatgateError, UpstreamProtocolError, Up
 from chatgate.registry import parse_id
 from chatgate.runtime import Runtime
 from chatgate.trace import ChatTrace
+from chatgate.upstream.http11 import Response
 from chatgate.upstream.sse import DONE, SSEDecoder
 
 log = logging.getLogger("chatgate.chat")
@@ -71,10 +71,10 @@ class CustomChat:
         # model first, as openai-node built it; dicts keep insertion order.
         payload = {"model": payload.pop("model"), **payload}
 
-        async def relay(response: aiohttp.ClientResponse) -> None:
+        async def relay(response: Response) -> None:
             decoder = SSEDecoder()
             at_start = True
-            async for chunk in response.content.iter_any():
+            async for chunk in response:
                 parts: list[str] = []
                 finished = False
                 for event in decoder.feed(chunk):

@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-import aiohttp
 import orjson
 
 from chatgate.api.asgi import Receive, Scope, Send, parse_json, read_body
@@ -24,6 +23,7 @@ from chatgate.errors import BadRequest, ChatgateError, UpstreamStatus
 from chatgate.registry import ModelRecord
 from chatgate.runtime import Runtime
 from chatgate.trace import ChatTrace
+from chatgate.upstream.http11 import Response
 from chatgate.upstream.sse import DONE, EventFramer, decode_event, split_events
 
 log = logging.getLogger("chatgate.chat")
@@ -162,7 +162,7 @@ class _JSONRelay:
         self._trace = trace
         self._headers = headers
 
-    async def __call__(self, response: aiohttp.ClientResponse) -> None:
+    async def __call__(self, response: Response) -> None:
         body = await response.read()
         trace = self._trace
         if _USAGE_KEY in body:
@@ -172,7 +172,7 @@ class _JSONRelay:
                 answer = None
             if isinstance(answer, dict):
                 trace.count_tokens(answer.get("usage"))
-        content_type = response.headers.get("Content-Type", "application/json").encode("latin-1")
+        content_type = response.header(b"content-type") or b"application/json"
         headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *self._headers]
         trace.first_byte()
         await self._send({"type": "http.response.start", "status": response.status, "headers": headers})
@@ -192,12 +192,12 @@ class _StreamRelay:
         self._headers = headers
         self._strip_usage = strip_usage
 
-    async def __call__(self, response: aiohttp.ClientResponse) -> None:
+    async def __call__(self, response: Response) -> None:
         send, trace = self._send, self._trace
         framer = EventFramer()
         done = False
         last = b""
-        async for chunk in response.content.iter_any():
+        async for chunk in response:
             data = framer.feed(chunk)
             if data and _worth_a_look(data):
                 data, done = self._look_into(data)

@@ -8,7 +8,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import orjson
 
 from chatgate.api.asgi import DisconnectWatch, Receive
@@ -17,11 +16,12 @@ from chatgate.registry import ModelRecord
 from chatgate.runtime import Runtime
 from chatgate.security.crypto import mask
 from chatgate.trace import ChatTrace
-from chatgate.upstream.client import Target, chat_completions_url, stream_error
+from chatgate.upstream.client import STREAM_FAILURES, Target, chat_completions_url, stream_error
+from chatgate.upstream.http11 import Response
 
 log = logging.getLogger("chatgate.chat")
 
-Relay = Callable[[aiohttp.ClientResponse], Awaitable[None]]
+Relay = Callable[[Response], Awaitable[None]]
 # What a dialect does with a failure after the response began; None leaves it incomplete
 # (aborted), so that a client can tell the answer is cut short.
 OnFailure = Callable[[ChatgateError], Awaitable[None]]
@@ -120,5 +120,5 @@ async def _exchange(
     async with runtime.upstream.post(target, body, accept=accept, first_byte_timeout=first_byte_timeout) as response:
         try:
             await relay(response)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except STREAM_FAILURES as exc:
             raise stream_error(exc, runtime.settings) from exc

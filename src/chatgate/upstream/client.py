@@ -1,18 +1,20 @@
-"""The one upstream HTTP client: a pooled aiohttp session created in the lifespan.
+"""The one upstream client of a process: a keep-alive connection pool created in the lifespan.
 
-aiohttp rather than httpx: on the relay's hot path it costs markedly less CPU per streamed
-request (see docs/performance.md), and its resolver hook lets the SSRF guard hand the
-connector exactly the addresses it checked.
+It sits on `http11.Pool`, a hand-written HTTP/1.1 client, because a general client cost more CPU
+per streamed chat than all the rest of chatgate (bench/clients.py, docs/performance.md). This
+module is where every transport failure becomes a chatgate error, and where the SSRF guard
+resolves each host, so that connections go only to addresses that were checked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-import aiohttp
 import orjson
 
 from chatgate.config import DEFAULT_BASE_URL, Settings
@@ -24,10 +26,24 @@ from chatgate.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from chatgate.security.ssrf import BlockedAddress
+from chatgate.security.ssrf import BlockedAddress, GuardedResolver
+from chatgate.upstream.http11 import (
+    ConnectError,
+    ConnectTimeout,
+    FirstByteTimeout,
+    IdleTimeout,
+    Pool,
+    ProtocolError,
+    Response,
+    TransportError,
+    endpoint,
+)
 
 # An upstream error body is read for its message, never relayed whole.
 _MAX_ERROR_BODY = 64 * 1024
+
+# What can go wrong while an open answer is read; `stream_error` says what each means.
+STREAM_FAILURES = (TransportError, IdleTimeout, ProtocolError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,127 +87,105 @@ def error_message(body: bytes) -> str | None:
     return orjson.dumps(parsed).decode() if parsed not in (None, "", {}, []) else None
 
 
+@lru_cache(maxsize=4096)
+def _request_headers(accept: str, api_key: str) -> bytes:
+    # Built once per (accept, key): the lines every request to that model carries.
+    if not (api_key.isascii() and api_key.isprintable()):
+        # A key with control characters would inject header lines. chatgate refuses such keys
+        # at write time; rows written by chatbot-ui may hold anything. Never echo the value.
+        raise BadRequest("The model's API key cannot be sent in an HTTP header", param="api_key")
+    lines = f"Content-Type: application/json\r\nAccept: {accept}\r\nUser-Agent: chatgate\r\n"
+    if api_key:
+        lines += f"Authorization: Bearer {api_key}\r\n"
+    return lines.encode("ascii")
+
+
 class UpstreamClient:
     """Opens chat requests to model servers and maps transport failures to chatgate errors."""
 
-    def __init__(self, settings: Settings, resolver: aiohttp.abc.AbstractResolver | None = None) -> None:
+    def __init__(self, settings: Settings, resolver: GuardedResolver) -> None:
         self._settings = settings
         self._resolver = resolver
-        self._session: aiohttp.ClientSession | None = None
-        # sock_read covers the wait for the response head (the first-byte timeout); once the
-        # head is in, the connection's read timeout is switched to the idle timeout.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout, sock_read=settings.first_byte_timeout
-        )
+        self._pool: Pool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._settings.upstream_max_connections,
-            limit_per_host=0,
-            resolver=self._resolver,
-            ttl_dns_cache=10,
-            enable_cleanup_closed=False,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            trust_env=False,
+        self._pool = Pool(
+            self._resolve, connect_timeout=self._settings.connect_timeout, idle_timeout=self._settings.idle_timeout
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        await self._resolver.close()
+
+    async def _resolve(self, host: str, port: int) -> list[str]:
+        try:
+            results = await self._resolver.resolve(host, port, family=socket.AF_UNSPEC)
+        except BlockedAddress:
+            raise
+        except OSError as exc:
+            raise ConnectError(f"cannot resolve {host}") from exc
+        return [result["host"] for result in results]
 
     @asynccontextmanager
     async def post(
         self, target: Target, body: bytes, *, accept: str = "text/event-stream", first_byte_timeout: float | None = None
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """POST `body` to the target; yields a successful response, closes it on exit.
+    ) -> AsyncIterator[Response]:
+        """POST `body` to the target; yields a successful response and releases it on exit
+        (a response not read to the end closes its connection, so the upstream stops).
         `first_byte_timeout` replaces the setting of that name for this request.
 
         Raises an `UpstreamError` (or `BadRequest` for a refused address) before yielding.
         """
-        assert self._session is not None, "UpstreamClient.start() was not awaited"
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": accept,
-            "Accept-Encoding": "identity",
-            "User-Agent": "chatgate",
-        }
-        if target.api_key:
-            headers["Authorization"] = "Bearer " + target.api_key
+        assert self._pool is not None, "UpstreamClient.start() was not awaited"
+        waited = first_byte_timeout if first_byte_timeout is not None else self._settings.first_byte_timeout
         try:
-            timeout = self._timeout
-            if first_byte_timeout is not None:
-                timeout = aiohttp.ClientTimeout(
-                    total=None, sock_connect=self._settings.connect_timeout, sock_read=first_byte_timeout
-                )
-            response = await self._session.post(
-                target.url, data=body, headers=headers, allow_redirects=False, timeout=timeout
-            )
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            waited = first_byte_timeout if first_byte_timeout is not None else self._settings.first_byte_timeout
-            raise UpstreamTimeout(_timeout_message(exc, self._settings, waited)) from exc
-        except aiohttp.ClientConnectorError as exc:
-            blocked = _blocked(exc)
-            if blocked is not None:
-                raise blocked from exc
-            raise UpstreamUnreachable(f"The model server could not be reached ({exc.host}:{exc.port})") from exc
-        except aiohttp.InvalidURL as exc:
-            raise BadRequest("The model's base URL is not a valid URL", param="base_url") from exc
+            where = endpoint(target.url)
         except ValueError:
-            # aiohttp refuses control characters in headers; only the key can carry them (rows
-            # written by chatbot-ui; chatgate refuses them at write time). Never echo the value.
-            raise BadRequest("The model's API key cannot be sent in an HTTP header", param="api_key") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnreachable("The model server closed the connection before answering") from exc
+            raise BadRequest("The model's base URL is not a valid URL", param="base_url") from None
+        headers = _request_headers(accept, target.api_key)
+        try:
+            response = await self._pool.request(target.url, headers, body, first_byte_timeout=waited)
+        except FirstByteTimeout:
+            raise UpstreamTimeout(f"The model server sent no response within {waited:g} s") from None
+        except ConnectTimeout:
+            raise UpstreamTimeout(
+                f"The model server did not accept a connection within {self._settings.connect_timeout:g} s"
+            ) from None
+        except BlockedAddress as exc:
+            raise BadRequest(exc.message, param="base_url") from None
+        except ConnectError:
+            raise UpstreamUnreachable(f"The model server could not be reached ({where.host}:{where.port})") from None
+        except TransportError:
+            raise UpstreamUnreachable("The model server closed the connection before answering") from None
+        except ProtocolError as exc:
+            raise UpstreamProtocolError(f"The model server did not answer in HTTP/1.1: {exc}") from None
         try:
             if response.status >= 400:
-                body = await _error_body(response)
-                raise UpstreamStatus(response.status, error_message(body) or "", body=body)
+                error_body = await _error_body(response)
+                raise UpstreamStatus(response.status, error_message(error_body) or "", body=error_body)
             if response.status >= 300:
                 raise UpstreamProtocolError(
                     f"The model server answered a redirect ({response.status}); chatgate does not follow them"
                 )
-            protocol = response.connection.protocol if response.connection else None
-            if protocol is not None:
-                protocol.read_timeout = self._settings.idle_timeout
             yield response
         finally:
-            if response.content.is_eof():
-                response.release()
-            else:
-                # Not read to the end (client gone, error mid-stream): drop the connection so
-                # the upstream stops generating.
-                response.close()
+            response.release()
 
 
-def _timeout_message(exc: BaseException, settings: Settings, waited: float) -> str:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return f"The model server did not accept a connection within {settings.connect_timeout:g} s"
-    return f"The model server sent no response within {waited:g} s"
-
-
-def _blocked(exc: aiohttp.ClientConnectorError) -> BadRequest | None:
-    # The SSRF guard refuses from inside the resolver; aiohttp wraps its OSError.
-    if isinstance(exc.os_error, BlockedAddress):
-        return BadRequest(exc.os_error.message, param="base_url")
-    return None
-
-
-async def _error_body(response: aiohttp.ClientResponse) -> bytes:
+async def _error_body(response: Response) -> bytes:
     try:
         async with asyncio.timeout(5):
-            return await response.content.read(_MAX_ERROR_BODY)
-    except (TimeoutError, aiohttp.ClientError):
+            return await response.read(_MAX_ERROR_BODY)
+    except (TimeoutError, *STREAM_FAILURES):
         return b""
 
 
 def stream_error(exc: BaseException, settings: Settings) -> UpstreamError:
     """Map a failure while reading an open stream to the error chatgate reports."""
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, IdleTimeout):
         return UpstreamTimeout(f"The model server sent nothing for {settings.idle_timeout:g} s")
+    if isinstance(exc, ProtocolError):
+        return UpstreamProtocolError(f"The model server broke HTTP mid-stream: {exc}")
     return UpstreamUnreachable("The model server ended the stream before it was complete")

@@ -45,6 +45,13 @@ class ConnectError(TransportError):
         super().__init__(message, before_response=True)
 
 
+class ConnectTimeout(ConnectError):
+    """No connection within the connect timeout."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no connection within {seconds:g} s")
+
+
 class FirstByteTimeout(Exception):
     """No response head within the first-byte timeout."""
 
@@ -201,6 +208,8 @@ class _Connection(asyncio.Protocol):
         return self._loop.call_later(seconds, self._fail, FirstByteTimeout())
 
     def start_idle_timer(self) -> None:
+        if self.complete:
+            return  # the whole answer came with its head: nothing to wait for
         self._last_data = self._loop.time()
         self._idle_handle = self._loop.call_at(self._last_data + self._idle_timeout, self._idle_check)
 
@@ -243,6 +252,7 @@ class _Connection(asyncio.Protocol):
         return self.complete and self.keep_alive and not self.closed and self._error is None
 
     def recycle(self) -> None:
+        self._cancel_idle()
         self._parser = httptools.HttpResponseParser(self)
         self._reset()
 
@@ -321,9 +331,7 @@ class Pool:
         self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._closed = False
 
-    async def request(
-        self, url: str, headers: bytes, body: bytes, *, first_byte_timeout: float
-    ) -> Response:
+    async def request(self, url: str, headers: bytes, body: bytes, *, first_byte_timeout: float) -> Response:
         """Send a POST (`headers` are pre-encoded lines, each ending CRLF) and wait for the head.
 
         A pooled connection that the server closed while idle is retried once on a new one."""
@@ -381,7 +389,7 @@ class Pool:
                     )
                 return conn
             except TimeoutError:
-                raise ConnectError(f"no connection within {self._connect_timeout:g} s") from None
+                raise ConnectTimeout(self._connect_timeout) from None
             except OSError as exc:
                 last = exc
         raise ConnectError(f"connection failed: {last.strerror if last and last.strerror else last}")
