@@ -60,3 +60,12 @@ def test_utf8_split_inside_a_character_survives() -> None:
     data = "data: héllo ✓\n\n".encode()
     cut = data.index("✓".encode()) + 1
     assert feed_all(data[:cut], data[cut:]) == [Event(b"", "héllo ✓".encode())]
+
+
+def test_an_unfinished_multi_line_event_is_complete_at_end_of_stream() -> None:
+    assert feed_all(b"data: a\ndata: b") == [Event(b"", b"a\nb")]
+    assert feed_all(b"data: x\n\ndata: a\n", b"data: b\n") == [Event(b"", b"x"), Event(b"", b"a\nb")]
+
+
+def test_extra_blank_lines_between_events() -> None:
+    assert feed_all(b"data: a\n\n\n\ndata: b\n\n\n") == [Event(b"", b"a"), Event(b"", b"b")]

@@ -7,6 +7,7 @@ request id and answered 500 without internals.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -103,6 +104,10 @@ class Gateway:
             "/api/chat/custom": (chat_custom.CustomChat(runtime), chat_custom.render_error),
             "/v1/chat/completions": (chat_openai.OpenAIChat(runtime), chat_openai.render_error),
         }
+        # What start-up built lives as long as the process: keep the collector from walking it
+        # again and again (it showed up as ~9% of a streamed chat's CPU).
+        gc.collect()
+        gc.freeze()
 
     async def shutdown(self) -> None:
         if self.runtime is not None:

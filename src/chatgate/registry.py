@@ -6,6 +6,7 @@ the in-process cache; reads on the chat path go through that cache.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -144,6 +145,7 @@ class Registry:
         self._engine = engine
         self._cipher = cipher
         self._check_url = check_url
+        self._filling: dict[uuid.UUID, asyncio.Future[ModelRecord]] = {}
         self._check_connect = check_connect
         self._cache = cache
         self._names: LRUCache[str, tuple[ModelRecord, ...]] = names if names is not None else LRUCache(1024, 5.0)
@@ -243,12 +245,36 @@ class Registry:
     async def for_chat(self, model_id: uuid.UUID) -> ModelRecord:
         """The model to relay a chat to, from the cache when it is there."""
         record = self._cache.get(model_id)
-        if record is None:
+        if record is not None:
+            return record
+        # One database read per expired entry, however many chats are waiting for it.
+        pending = self._filling.get(model_id)
+        if pending is not None:
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if pending.cancelled() and task is not None and not task.cancelling():
+                    return await self.for_chat(model_id)  # the reader was cancelled, not us: read again
+                raise
+        pending = asyncio.get_running_loop().create_future()
+        self._filling[model_id] = pending
+        try:
             record = await self.get(model_id)
             # A literal IP never reaches the connect-time resolver guard, and a row written
             # by chatbot-ui never passed the write-time check: check it here, once per fill.
             self._check_connect(record.base_url)
             self._cache.put(model_id, record)
+            pending.set_result(record)
+        except Exception as exc:
+            pending.set_exception(exc)
+            pending.exception()  # retrieved: nobody else may be waiting
+            raise
+        except BaseException:
+            pending.cancel()
+            raise
+        finally:
+            del self._filling[model_id]
         return record
 
     async def named(self, name: str) -> tuple[ModelRecord, ...]:

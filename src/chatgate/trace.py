@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -9,7 +10,8 @@ from datetime import UTC, datetime
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    # 128 random bits as hex, like uuid4().hex without building a UUID (on every request).
+    return os.urandom(16).hex()
 
 
 @dataclass(slots=True)

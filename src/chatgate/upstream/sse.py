@@ -44,6 +44,30 @@ class SSEDecoder:
             self._tail = b""
         if not chunk:
             return []
+        if b"\r" not in chunk and not self._data and not self._event:
+            return self._feed_lf(chunk)
+        return self._feed_lines(chunk)
+
+    def _feed_lf(self, chunk: bytes) -> list[Event]:
+        # The common case, LF framing from a clean event boundary: cut whole events at blank
+        # lines, and take a lone `data: ` line without going line by line (most of a relay's
+        # parsing time was the general path below).
+        blocks = chunk.split(b"\n\n")
+        self._tail = blocks.pop()
+        events: list[Event] = []
+        for block in blocks:
+            if block[:6] == b"data: " and b"\n" not in block:
+                events.append(Event(b"", block[6:]))
+            elif block:
+                for line in block.split(b"\n"):
+                    self._line(line, events)
+                self._line(b"", events)
+        if self._tail[:1] == b"\n":
+            # Three or more line ends in a row: the extra ones are blank lines, nothing more.
+            self._tail = self._tail.lstrip(b"\n")
+        return events
+
+    def _feed_lines(self, chunk: bytes) -> list[Event]:
         lines = chunk.splitlines(keepends=True)
         last = lines[-1]
         if last[-1:] not in (b"\n", b"\r"):
@@ -59,7 +83,9 @@ class SSEDecoder:
         """End of stream: dispatch what a well-behaved server would have ended with a blank line."""
         events: list[Event] = []
         if self._tail:
-            self._line(self._tail, events)
+            # The LF fast path may hold several complete lines of an unfinished event.
+            for line in self._tail.splitlines():
+                self._line(line, events)
             self._tail = b""
         self._line(b"", events)
         return events
