@@ -156,6 +156,8 @@ def serve(
         log_config=None,
         log_level=settings.log_level,
         server_header=False,
+        # chatgate does not use the client's address; behind a proxy there is nothing to rewrite.
+        proxy_headers=False,
         timeout_graceful_shutdown=5,
     )
 
