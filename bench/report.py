@@ -349,22 +349,24 @@ def write_all(
     meta: dict[str, Any],
     hold_goal: int,
     doc: Path | None,
+    name: str = "latest",
 ) -> str:
-    """Write `<timestamp>.json`, `latest.md`, `latest.png` (and the doc's results block); return the md."""
+    """Write `<timestamp>.json`, `<name>.md`, `<name>.png` (and the doc's results block); return the md."""
     figs = aggregate(runs)
     md = markdown(figs, paths, meta, hold_goal, runs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "latest.md").write_text("# chatgate benchmark — latest run\n\n" + md)
+    md = md.replace("](latest.png)", f"]({name}.png)")
+    (out_dir / f"{name}.md").write_text(f"# chatgate benchmark — {name} run\n\n" + md)
     medians = {f"{p} {s}": f.values for (p, s), f in figs.items()}
     stamp = meta["started"].replace(":", "").replace("-", "")
     (out_dir / f"{stamp}.json").write_text(json.dumps({"meta": meta, "medians": medians, "runs": runs}))
     try:
-        chart(figs, paths, out_dir / "latest.png")
+        chart(figs, paths, out_dir / f"{name}.png")
     except ImportError as exc:
         print(f"no chart: {exc} (pip install -e '.[bench]')")
     if doc is not None and doc.exists():
         text = doc.read_text()
-        block = f"{DOC_START}\n{md.replace('](latest.png)', '](../bench/results/latest.png)')}\n{DOC_END}"
+        block = f"{DOC_START}\n{md.replace(f']({name}.png)', f'](../bench/results/{name}.png)')}\n{DOC_END}"
         pattern = re.compile(re.escape(DOC_START) + ".*?" + re.escape(DOC_END), re.S)
         if pattern.search(text):
             doc.write_text(pattern.sub(lambda _: block, text))
