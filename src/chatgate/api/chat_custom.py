@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 
-from chatgate.api.asgi import Receive, Scope, Send, parse_json, read_body
+from chatgate.api.asgi import Receive, Scope, Send
 from chatgate.api.openapi import error_response
-from chatgate.api.relay import run_chat, with_usage
+from chatgate.api.relay import admit_chat, run_chat, with_usage
 from chatgate.errors import BadRequest, ChatgateError, UpstreamProtocolError, UpstreamStatus
 from chatgate.registry import parse_id
 from chatgate.runtime import Runtime
@@ -61,10 +61,7 @@ class CustomChat:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, trace: ChatTrace) -> None:
         runtime = self._runtime
-        principal = await runtime.admit(scope)
-        trace.user_id = principal.user_id
-        settings = runtime.settings
-        body = parse_json(await read_body(scope, receive, settings.max_body_bytes, stall=settings.client_timeout))
+        principal, body = await admit_chat(runtime, scope, receive, trace)
         model_ref, payload = _upstream_payload(body)
         record = await runtime.model_for_chat(principal, model_ref)
         payload.setdefault("model", record.model_id)

@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from chatgate.api.asgi import Receive, Scope, Send, parse_json, read_body
-from chatgate.api.relay import run_chat, with_usage
+from chatgate.api.asgi import Receive, Scope, Send
+from chatgate.api.relay import admit_chat, run_chat, with_usage
 from chatgate.errors import BadRequest, ChatgateError, UpstreamStatus
 from chatgate.registry import ModelRecord
 from chatgate.runtime import Runtime
@@ -108,10 +108,7 @@ class OpenAIChat:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, trace: ChatTrace) -> None:
         runtime = self._runtime
-        principal = await runtime.admit(scope)
-        trace.user_id = principal.user_id
-        settings = runtime.settings
-        body = parse_json(await read_body(scope, receive, settings.max_body_bytes, stall=settings.client_timeout))
+        principal, body = await admit_chat(runtime, scope, receive, trace)
         if not isinstance(body, dict):
             raise BadRequest("Request body must be a JSON object")
         ref = body.get("model")
@@ -133,7 +130,7 @@ class OpenAIChat:
                 payload,
                 relay_json,
                 accept="application/json",
-                first_byte_timeout=settings.completion_timeout,
+                first_byte_timeout=runtime.settings.completion_timeout,
             )
             return
         options = body.get("stream_options")

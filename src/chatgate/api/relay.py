@@ -10,11 +10,12 @@ from typing import Any
 
 import orjson
 
-from chatgate.api.asgi import DisconnectWatch, Receive
+from chatgate.api.asgi import DisconnectWatch, Receive, Scope, parse_json, read_body
 from chatgate.errors import ChatgateError, UpstreamStatus
 from chatgate.registry import ModelRecord
 from chatgate.runtime import Runtime
 from chatgate.security.crypto import mask
+from chatgate.security.principal import Principal
 from chatgate.trace import ChatTrace
 from chatgate.upstream.client import STREAM_FAILURES, Target, chat_completions_url, stream_error
 from chatgate.upstream.http11 import Response
@@ -41,6 +42,15 @@ def refuses_stream_options(exc: UpstreamStatus) -> bool:
     Mistral and strict proxies answer 400 or 422 naming the field)."""
     message = exc.message.lower()
     return exc.status in (400, 422) and ("stream_options" in message or "stream options" in message)
+
+
+async def admit_chat(runtime: Runtime, scope: Scope, receive: Receive, trace: ChatTrace) -> tuple[Principal, Any]:
+    """What every chat starts with: the caller authenticated and counted, then the body as JSON."""
+    principal = await runtime.admit(scope)
+    trace.user_id = principal.user_id
+    settings = runtime.settings
+    body = parse_json(await read_body(scope, receive, settings.max_body_bytes, stall=settings.client_timeout))
+    return principal, body
 
 
 async def run_chat(
