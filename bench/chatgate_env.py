@@ -28,7 +28,6 @@ def env(data_dir: Path, port: int) -> dict[str, str]:
         "CHATGATE_PORT": str(port),
         "CHATGATE_ALLOW_PRIVATE_UPSTREAMS": "true",
         "CHATGATE_LOG_LEVEL": "warning",
-        "CHATGATE_WORKERS": "1",
     }
 
 

@@ -16,7 +16,7 @@ from chatgate.api import chat_custom, chat_openai, openapi
 from chatgate.api.asgi import BodyLimit, ClientGone, Receive, Scope, Send, send_json
 from chatgate.api.control import build_control_app
 from chatgate.config import Settings
-from chatgate.errors import ChatgateError
+from chatgate.errors import ChatgateError, ServiceUnavailable, UpstreamError
 from chatgate.runtime import Runtime
 from chatgate.trace import ChatTrace
 
@@ -65,6 +65,10 @@ class Gateway:
             trace.client_gone = True
         except ChatgateError as exc:
             trace.status, trace.error = exc.status, exc.message
+            if exc.status >= 500 and not isinstance(exc, UpstreamError | ServiceUnavailable):
+                # Ours, not the model server's (a key this instance cannot decrypt): the operator
+                # must hear of it. (The store logs a database outage itself.)
+                log.error("request %s: %s", trace.request_id, exc.message)
             if not trace.started:
                 extra = [(b"retry-after", str(exc.retry_after).encode())] if hasattr(exc, "retry_after") else []
                 await send_json(send, exc.status, render(exc), headers + extra)

@@ -76,7 +76,6 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(0, ge=0)
     max_concurrent_streams: int = Field(0, ge=0)
 
-    workers: int = Field(1, ge=1)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -10,8 +10,6 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -148,12 +146,6 @@ def _upgrade(connection: sa.Connection) -> None:
     command.upgrade(_alembic_config(connection), "head")
 
 
-def _pending(connection: sa.Connection) -> list[str]:
-    script = ScriptDirectory.from_config(_alembic_config(connection))
-    current = set(MigrationContext.configure(connection).get_current_heads())
-    return [rev.revision for rev in script.walk_revisions() if rev.revision not in current][::-1]
-
-
 async def upgrade(engine: AsyncEngine) -> None:
     """Apply every pending migration, in one transaction where the backend allows it."""
     async with engine.begin() as conn:
@@ -161,7 +153,3 @@ async def upgrade(engine: AsyncEngine) -> None:
             # Instances starting together migrate one after the other; the later ones find nothing to do.
             await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         await conn.run_sync(_upgrade)
-
-
-async def pending_migrations(conn: AsyncConnection) -> list[str]:
-    return await conn.run_sync(_pending)
