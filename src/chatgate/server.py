@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol with the two limits it lacks for a server facing the Internet.
+"""uvicorn's httptools protocol with the two limits it lacks for a server facing the Internet,
+and a cheap way for a chat to hear that its client left.
 
 uvicorn (0.54, httptools) buffers a request head of any size and waits for it forever: one
 client could send gigabytes of headers, or open connections and trickle bytes (slowloris).
@@ -15,6 +16,7 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from chatgate.api.asgi import DISCONNECT_EXTENSION, DisconnectSignal
 from chatgate.config import Settings
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -46,6 +48,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            extensions: dict[str, Any] = cycle.scope.get("extensions") or {}
+            signal = extensions.get(DISCONNECT_EXTENSION)
+            if isinstance(signal, DisconnectSignal):
+                signal.fire()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_size = 0
+        # Lets a chat learn that its client left without a task waiting on receive() (api/asgi.py).
+        extensions: Any = {DISCONNECT_EXTENSION: DisconnectSignal()}
+        self.scope["extensions"] = extensions
 
     def data_received(self, data: bytes) -> None:
         if not self._head_done:
@@ -58,10 +73,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > self.max_head_bytes:
                 self._refuse(431, f"Request headers are larger than the limit of {self.max_head_bytes} bytes")
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))

@@ -99,9 +99,9 @@ class CustomChat:
 
         if runtime.registry.accepts_stream_options(record.id):
             # Ask for the token counts (usage accounting); the usage chunk has no text to relay.
-            await run_chat(runtime, receive, trace, record, with_usage(payload), relay, fallback=payload)
+            await run_chat(runtime, scope, receive, trace, record, with_usage(payload), relay, fallback=payload)
         else:
-            await run_chat(runtime, receive, trace, record, payload, relay)
+            await run_chat(runtime, scope, receive, trace, record, payload, relay)
 
 
 def _texts(events: list[Event], trace: ChatTrace) -> tuple[list[str], bool]:

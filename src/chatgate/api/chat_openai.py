@@ -124,6 +124,7 @@ class OpenAIChat:
             relay_json = _JSONRelay(send, trace, headers)
             await run_chat(
                 runtime,
+                scope,
                 receive,
                 trace,
                 record,
@@ -137,11 +138,19 @@ class OpenAIChat:
         asked = isinstance(options, dict) and options.get("include_usage") is True
         relay = _StreamRelay(send, trace, headers, strip_usage=not asked)
         if asked or not runtime.registry.accepts_stream_options(record.id):
-            await run_chat(runtime, receive, trace, record, payload, relay, on_failure=relay.fail)
+            await run_chat(runtime, scope, receive, trace, record, payload, relay, on_failure=relay.fail)
         else:
             # Ask for the token counts; the usage chunk is kept from a client that did not ask.
             await run_chat(
-                runtime, receive, trace, record, with_usage(payload), relay, on_failure=relay.fail, fallback=payload
+                runtime,
+                scope,
+                receive,
+                trace,
+                record,
+                with_usage(payload),
+                relay,
+                on_failure=relay.fail,
+                fallback=payload,
             )
 
 

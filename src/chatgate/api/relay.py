@@ -55,6 +55,7 @@ async def admit_chat(runtime: Runtime, scope: Scope, receive: Receive, trace: Ch
 
 async def run_chat(
     runtime: Runtime,
+    scope: Scope,
     receive: Receive,
     trace: ChatTrace,
     record: ModelRecord,
@@ -77,7 +78,7 @@ async def run_chat(
     """
     trace.model_id = record.id
     target = Target(chat_completions_url(record.base_url), record.api_key)
-    watch = DisconnectWatch(receive)
+    watch = DisconnectWatch(scope, receive)
     try:
         async with runtime.limiter.stream(str(trace.user_id)):
             try:
