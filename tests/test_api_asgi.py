@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from chatgate.api.asgi import DISCONNECT_EXTENSION, DisconnectSignal, DisconnectWatch
@@ -75,5 +76,28 @@ def test_an_outside_cancellation_is_not_taken_for_a_disconnect() -> None:
         await started.wait()
         task.cancel()
         assert await asyncio.wait_for(task, 1) is False
+
+    asyncio.run(main())
+
+
+def test_read_body_bounds_a_stalled_body_itself_under_other_servers() -> None:
+    from chatgate.api.asgi import BODY_TIMEOUT_EXTENSION, read_body
+    from chatgate.errors import RequestTimeout
+
+    async def trickle() -> dict[str, Any]:
+        await asyncio.sleep(30)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def main() -> None:
+        try:
+            await read_body({"headers": []}, trickle, 1024, stall=0.1)
+        except RequestTimeout as exc:
+            assert "stalled" in exc.message
+        else:
+            raise AssertionError("a stalled body was waited for")
+        # Under chatgate's own server the protocol answers 408 instead: no timer here.
+        scope = {"headers": [], "extensions": {BODY_TIMEOUT_EXTENSION: True}}
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(read_body(scope, trickle, 1024, stall=0.1), 0.3)
 
     asyncio.run(main())

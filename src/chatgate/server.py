@@ -3,9 +3,9 @@ and a cheap way for a chat to hear that its client left.
 
 uvicorn (0.54, httptools) buffers a request head of any size and waits for it forever: one
 client could send gigabytes of headers, or open connections and trickle bytes (slowloris).
-This subclass refuses a head larger than `max_head_bytes` with 431 and one that takes longer
-than `head_timeout` seconds with 408, closing the connection either way. Bodies are bounded
-in the application (`api.asgi.BodyLimit`, `read_body`): they belong to a request by then.
+This subclass refuses a head larger than `max_head_bytes` with 431, and a head or a body that
+makes no progress for `head_timeout` seconds with 408, closing the connection either way. Body
+sizes are bounded in the application (`api.asgi.BodyLimit`, `read_body`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from chatgate.api.asgi import DISCONNECT_EXTENSION, DisconnectSignal
+from chatgate.api.asgi import BODY_TIMEOUT_EXTENSION, DISCONNECT_EXTENSION, DisconnectSignal
 from chatgate.config import Settings
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -40,6 +40,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_size = 0  # bytes of the current head, as parsed
         self._refusal: tuple[int, str] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_last = 0.0
+        self._body_open = False  # a head is in, its body is not
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -47,6 +50,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
@@ -59,7 +63,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head_size = 0
         # Lets a chat learn that its client left without a task waiting on receive() (api/asgi.py).
-        extensions: Any = {DISCONNECT_EXTENSION: DisconnectSignal()}
+        # And tells read_body() that this protocol bounds a stalled body, so it need not.
+        extensions: Any = {DISCONNECT_EXTENSION: DisconnectSignal(), BODY_TIMEOUT_EXTENSION: True}
         self.scope["extensions"] = extensions
 
     def data_received(self, data: bytes) -> None:
@@ -67,6 +72,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._arm_head_timer()
         heads = self._heads
         super().data_received(data)
+        if self._body_open:
+            # Most bodies come whole with their head and never get here; a slow one gets one timer,
+            # pushed on by each read (not re-created per read).
+            self._body_last = self.loop.time()
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_at(self._body_last + self.head_timeout, self._body_check)
         # Counted after parsing, and only when no head completed in this read: a read that
         # completes a head (and carries body bytes after it) is not an oversized head.
         if heads == self._heads and not self._head_done and not self.transport.is_closing():
@@ -98,10 +109,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_done = True
         self._heads += 1
+        self._body_open = True
         self._cancel_head_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        self._body_open = False
+        self._cancel_body_timer()
         super().on_message_complete()
         # What arrives next on this connection is the next request's head.
         self._head_done = False
@@ -125,8 +139,29 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self.transport.close()  # nothing was asked: nothing to answer
 
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_check(self) -> None:
+        self._body_timer = None
+        if not self._body_open or self.transport.is_closing():
+            return
+        due = self._body_last + self.head_timeout
+        if self.loop.time() < due:
+            self._body_timer = self.loop.call_at(due, self._body_check)
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            # The app is still waiting for the body: answer for it; it then hears the client left.
+            self._refuse(408, f"Request body stalled: nothing received for {self.head_timeout:g} s")
+        else:
+            self.transport.close()
+
     def _refuse(self, status: int, message: str) -> None:
         self._cancel_head_timer()
+        self._cancel_body_timer()
         body = orjson.dumps({"message": message})
         reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
         head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"

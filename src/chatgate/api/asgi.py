@@ -65,6 +65,8 @@ async def read_body(scope: Scope, receive: Receive, limit: int, *, stall: float 
     declared = declared_length(scope)
     if declared is not None and declared > limit:
         raise too_large(limit)
+    if stall is not None and server_bounds_body(scope):
+        stall = None  # the server answers a stalled body itself, more cheaply than a timeout here
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -107,6 +109,13 @@ class ClientGone(Exception):
 
 
 DISCONNECT_EXTENSION = "chatgate.disconnect"
+# Set by chatgate's server protocol, which answers a stalled body with 408 itself.
+BODY_TIMEOUT_EXTENSION = "chatgate.body_timeout"
+
+
+def server_bounds_body(scope: Scope) -> bool:
+    extensions = scope.get("extensions")
+    return bool(extensions and extensions.get(BODY_TIMEOUT_EXTENSION))
 
 
 class DisconnectSignal:
@@ -203,16 +212,17 @@ class BodyLimit:
         except ChatgateError as exc:
             await send_json(send, exc.status, {"message": exc.message})
             return
-        await _GuardedBody(self, receive, send).run(scope)
+        await _GuardedBody(self, receive, send, None if server_bounds_body(scope) else self.stall).run(scope)
 
 
 class _GuardedBody:
     """One request's receive/send pair under a `BodyLimit`."""
 
-    __slots__ = ("_limit", "_receive", "_send", "body_done", "received", "refused", "started")
+    __slots__ = ("_limit", "_receive", "_send", "_stall", "body_done", "received", "refused", "started")
 
-    def __init__(self, limit: BodyLimit, receive: Receive, send: Send) -> None:
+    def __init__(self, limit: BodyLimit, receive: Receive, send: Send, stall: float | None) -> None:
         self._limit = limit
+        self._stall = stall
         self._receive = receive
         self._send = send
         self.received = 0
@@ -229,7 +239,7 @@ class _GuardedBody:
         if self.body_done:
             return await self._receive()
         try:
-            message = await receive_body_part(self._receive, self._limit.stall)
+            message = await receive_body_part(self._receive, self._stall)
             if message["type"] == "http.request":
                 self.received += len(message.get("body", b""))
                 if self.received > self._limit.limit:
