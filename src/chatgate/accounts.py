@@ -47,19 +47,30 @@ class SQLiteTokenReader:
 
     Every request authenticates, so this is on the hot path: through SQLAlchemy and aiosqlite's
     worker thread the same read cost about 400 µs of CPU (docs/performance.md); here it costs a
-    few µs. It never waits on writers (WAL mode), and reading the database on each request is what
-    makes a revocation by another process (the CLI) take effect at once."""
+    few µs. It never waits on writers (WAL mode). Answers are kept only while SQLite's
+    `data_version` stays the same, which any commit by another connection (the CLI revoking a
+    token, this server's own writes) changes: a revocation still takes effect at once."""
+
+    _MAX_KEPT = 10_000
 
     def __init__(self, path: str) -> None:
         self._conn = sqlite3.connect(
             f"file:{path}?mode=ro", uri=True, timeout=1.0, check_same_thread=False, isolation_level=None
         )
+        self._version: int | None = None
+        self._kept: dict[str, tuple[str, uuid.UUID, str, bool] | None] = {}
 
     def lookup(self, digest: str) -> tuple[str, uuid.UUID, str, bool] | None:
+        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version or len(self._kept) > self._MAX_KEPT:
+            self._version = version
+            self._kept.clear()
+        elif digest in self._kept:
+            return self._kept[digest]
         row = self._conn.execute(_PRINCIPAL_BY_HASH, (digest,)).fetchone()
-        if row is None:
-            return None
-        return row[0], uuid.UUID(row[1]), row[2], bool(row[3])
+        found = None if row is None else (row[0], uuid.UUID(row[1]), row[2], bool(row[3]))
+        self._kept[digest] = found
+        return found
 
     def close(self) -> None:
         self._conn.close()
