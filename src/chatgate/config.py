@@ -76,7 +76,6 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(0, ge=0)
     max_concurrent_streams: int = Field(0, ge=0)
 
-
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
