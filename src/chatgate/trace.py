@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+_PROCESS = os.urandom(8).hex()
+_SEQUENCE = itertools.count(1)
+
 
 def new_request_id() -> str:
-    # 128 random bits as hex, like uuid4().hex without building a UUID (on every request).
-    return os.urandom(16).hex()
+    """Unique across processes and restarts (a random per-process prefix and a counter), without
+    a system call per request; a request id names a request, it guards nothing."""
+    return f"{_PROCESS}{next(_SEQUENCE):016x}"
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ from chatgate.registry import parse_id
 from chatgate.runtime import Runtime
 from chatgate.trace import ChatTrace
 from chatgate.upstream.http11 import Response
-from chatgate.upstream.sse import DONE, Event, SSEDecoder
+from chatgate.upstream.sse import DONE, SSEDecoder
 
 log = logging.getLogger("chatgate.chat")
 
@@ -73,7 +73,7 @@ class CustomChat:
             at_start = True
             ended = False
             async for chunk in response:
-                texts, finished = _texts(decoder.feed(chunk), trace)
+                texts, finished = _texts(decoder.feed_data(chunk), trace)
                 if texts:
                     text = "".join(texts)
                     if at_start:
@@ -104,19 +104,14 @@ class CustomChat:
             await run_chat(runtime, scope, receive, trace, record, payload, relay)
 
 
-def _texts(events: list[Event], trace: ChatTrace) -> tuple[list[str], bool]:
+def _texts(events: list[bytes], trace: ChatTrace) -> tuple[list[str], bool]:
     """The delta texts of one read's events, and whether [DONE] was among them.
 
     The events' JSON is parsed in one call (as an array) rather than one call per event: most of
     a relay's parsing time was per-call overhead. An event that breaks the array is found, and
     reported, by parsing them one by one."""
-    datas: list[bytes] = []
-    finished = False
-    for event in events:
-        if event.data == DONE:
-            finished = True
-            break
-        datas.append(event.data)
+    finished = DONE in events
+    datas = events[: events.index(DONE)] if finished else events
     if not datas:
         return [], finished
     try:

@@ -34,6 +34,13 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Decode one chunk and return the events it completed, in order."""
+        return [Event(b"", item) if type(item) is bytes else item for item in self._feed(chunk)]  # type: ignore[misc]
+
+    def feed_data(self, chunk: bytes) -> list[bytes]:
+        """Like `feed`, but only each event's data: for a relay that ignores event names."""
+        return [item if type(item) is bytes else item.data for item in self._feed(chunk)]  # type: ignore[union-attr]
+
+    def _feed(self, chunk: bytes) -> list[bytes | Event]:
         if self._skip_lf:
             # The previous chunk ended in CR: a leading LF is the second half of that CRLF.
             self._skip_lf = False
@@ -46,26 +53,28 @@ class SSEDecoder:
             return []
         if b"\r" not in chunk and not self._data and not self._event:
             return self._feed_lf(chunk)
-        return self._feed_lines(chunk)
+        return list(self._feed_lines(chunk))
 
-    def _feed_lf(self, chunk: bytes) -> list[Event]:
+    def _feed_lf(self, chunk: bytes) -> list[bytes | Event]:
         # The common case, LF framing from a clean event boundary: cut whole events at blank
         # lines, and take a lone `data: ` line without going line by line (most of a relay's
-        # parsing time was the general path below).
+        # parsing time was the general path below). Such an event is returned as its bare data.
         blocks = chunk.split(b"\n\n")
         self._tail = blocks.pop()
-        events: list[Event] = []
+        items: list[bytes | Event] = []
         for block in blocks:
             if block[:6] == b"data: " and b"\n" not in block:
-                events.append(Event(b"", block[6:]))
+                items.append(block[6:])
             elif block:
+                events: list[Event] = []
                 for line in block.split(b"\n"):
                     self._line(line, events)
                 self._line(b"", events)
+                items.extend(events)
         if self._tail[:1] == b"\n":
             # Three or more line ends in a row: the extra ones are blank lines, nothing more.
             self._tail = self._tail.lstrip(b"\n")
-        return events
+        return items
 
     def _feed_lines(self, chunk: bytes) -> list[Event]:
         lines = chunk.splitlines(keepends=True)
