@@ -4,11 +4,11 @@ Two checks, because DNS answers change between them:
 
 - write time, `check_url`: the URL is well formed and every address its host resolves to is
   allowed (a clear 400 for the user saving the model);
-- connect time, `GuardedResolver` inside aiohttp's `TCPConnector(resolver=...)`: every address
-  is checked again and the connection goes only to checked addresses (DNS rebinding defence).
-  aiohttp never asks a resolver about IP-literal hosts, so the relay calls `check_literal_host`
-  before each request, and must not follow redirects or use an environment proxy
-  (`trust_env=False`): both would connect somewhere no check saw.
+- connect time, `GuardedResolver`, which the upstream pool (`upstream/client.py`) asks for every
+  host, IP literals included: every address is checked again and the connection goes only to
+  checked addresses (DNS rebinding defence). The relay follows no redirects and uses no
+  environment proxy: both would connect somewhere no check saw. `check_literal_host` is a cheap
+  extra check the registry makes once per cache fill, before any connection.
 
 Link-local addresses and cloud metadata endpoints are refused whatever the policy; loopback,
 private and shared (100.64/10) addresses only when `allow_private` is set or the host or address
@@ -69,8 +69,8 @@ class _Kind(enum.Enum):
 
 
 class BlockedAddress(OSError):
-    """A connect-time refusal. An OSError, so aiohttp wraps it in `ClientConnectorDNSError`
-    (`exc.os_error` is this); `message` is safe to show the user."""
+    """A connect-time refusal, raised by `GuardedResolver` (an OSError, as resolvers raise);
+    `message` is safe to show the user."""
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EACCES, message)
@@ -234,9 +234,9 @@ def parse_base_url(url: str) -> URL:
 
 
 def check_literal_host(host: str, policy: UpstreamPolicy) -> None:
-    """Request-time check for IP-literal hosts, which aiohttp connects to without asking a
-    resolver: call it with `URL(base_url).raw_host` before each upstream request. Rows that
-    never passed `check_url` (written by chatbot-ui, or before a policy change) need it.
+    """Check an IP-literal host without any lookup: call it with `URL(base_url).raw_host`.
+    Rows that never passed `check_url` (written by chatbot-ui, or before a policy change) are
+    refused this way before any connection is tried.
 
     Does nothing for hostnames (`GuardedResolver` checks those); raises BadRequest (base_url).
     """
@@ -255,7 +255,7 @@ async def check_url(url: str, policy: UpstreamPolicy, resolver: AbstractResolver
     if ip is not None:
         check_address(ip, host, policy)
         if isinstance(ip, IPv4Address) and host != str(ip):
-            # aiohttp refuses these forms at request time; say so now, clearly.
+            # Other software reads these forms differently (or refuses them): ask for the plain one.
             raise BadRequest(f"base_url host {host} must be written as {ip}", param="base_url")
         return
     try:
@@ -275,9 +275,10 @@ async def check_url(url: str, policy: UpstreamPolicy, resolver: AbstractResolver
 
 
 class GuardedResolver(AbstractResolver):
-    """An aiohttp resolver that refuses a host when any address it resolves to is not allowed.
+    """A resolver (aiohttp's interface) that refuses a host when any address it resolves to is
+    not allowed.
 
-    Every address returned was checked, and aiohttp connects to exactly those, so a DNS answer
+    Every address returned was checked, and the pool connects to exactly those, so a DNS answer
     that changes after the check cannot redirect the connection. Raises `BlockedAddress`.
     """
 
