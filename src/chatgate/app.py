@@ -58,7 +58,6 @@ class Gateway:
         self, handler: ChatHandler, render: ErrorRenderer, scope: Scope, receive: Receive, send: Send
     ) -> None:
         trace = ChatTrace(endpoint=scope["path"])
-        headers = [(b"x-request-id", trace.request_id.encode())]
         try:
             await handler(scope, receive, send, trace)
         except ClientGone:
@@ -70,14 +69,18 @@ class Gateway:
                 # must hear of it. (The store logs a database outage itself.)
                 log.error("request %s: %s", trace.request_id, exc.message)
             if not trace.started:
-                extra = [(b"retry-after", str(exc.retry_after).encode())] if hasattr(exc, "retry_after") else []
-                await send_json(send, exc.status, render(exc), headers + extra)
+                headers = [(b"x-request-id", trace.request_id.encode())]
+                if hasattr(exc, "retry_after"):
+                    headers.append((b"retry-after", str(exc.retry_after).encode()))
+                await send_json(send, exc.status, render(exc), headers)
         except Exception:
             # The one broad catch: whatever escaped is a bug; the client learns nothing of it.
             log.exception("request %s: unexpected error", trace.request_id)
             trace.status, trace.error = 500, UNEXPECTED
             if not trace.started:
-                await send_json(send, 500, render(ChatgateError(UNEXPECTED)), headers)
+                await send_json(
+                    send, 500, render(ChatgateError(UNEXPECTED)), [(b"x-request-id", trace.request_id.encode())]
+                )
         finally:
             trace.finish()
             # Every authenticated chat is counted, failed ones too; the recorder never blocks.

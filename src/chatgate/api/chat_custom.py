@@ -72,7 +72,7 @@ class CustomChat:
             decoder = SSEDecoder()
             at_start = True
             ended = False
-            async for chunk in response:
+            while (chunk := await response.next_chunk()) is not None:
                 texts, finished = _texts(decoder.feed_data(chunk), trace)
                 if texts:
                     text = "".join(texts)

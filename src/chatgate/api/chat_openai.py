@@ -203,7 +203,7 @@ class _StreamRelay:
         framer = EventFramer()
         done = False
         last = b""
-        async for chunk in response:
+        while (chunk := await response.next_chunk()) is not None:
             data = framer.feed(chunk)
             if data and _worth_a_look(data):
                 data, done = self._look_into(data)

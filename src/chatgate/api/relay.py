@@ -128,8 +128,10 @@ def scrub_key(exc: ChatgateError, api_key: str) -> None:
 async def _exchange(
     runtime: Runtime, target: Target, body: bytes, accept: str, first_byte_timeout: float | None, relay: Relay
 ) -> None:
-    async with runtime.upstream.post(target, body, accept=accept, first_byte_timeout=first_byte_timeout) as response:
-        try:
-            await relay(response)
-        except STREAM_FAILURES as exc:
-            raise stream_error(exc, runtime.settings) from exc
+    response = await runtime.upstream.open(target, body, accept=accept, first_byte_timeout=first_byte_timeout)
+    try:
+        await relay(response)
+    except STREAM_FAILURES as exc:
+        raise stream_error(exc, runtime.settings) from exc
+    finally:
+        response.release()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -128,15 +126,15 @@ class UpstreamClient:
             raise ConnectError(f"cannot resolve {host}") from exc
         return [result["host"] for result in results]
 
-    @asynccontextmanager
-    async def post(
+    async def open(
         self, target: Target, body: bytes, *, accept: str = "text/event-stream", first_byte_timeout: float | None = None
-    ) -> AsyncIterator[Response]:
-        """POST `body` to the target; yields a successful response and releases it on exit
-        (a response not read to the end closes its connection, so the upstream stops).
-        `first_byte_timeout` replaces the setting of that name for this request.
+    ) -> Response:
+        """POST `body` to the target and return the successful response, whose head is in. The
+        caller must `release()` it (one not read to the end closes its connection, so the
+        upstream stops generating). `first_byte_timeout` replaces the setting for this request.
 
-        Raises an `UpstreamError` (or `BadRequest` for a refused address) before yielding.
+        Raises an `UpstreamError` (or `BadRequest` for a refused address) instead of answering
+        with an error status.
         """
         assert self._pool is not None, "UpstreamClient.start() was not awaited"
         waited = first_byte_timeout if first_byte_timeout is not None else self._settings.first_byte_timeout
@@ -161,15 +159,15 @@ class UpstreamClient:
             raise UpstreamUnreachable("The model server closed the connection before answering") from None
         except ProtocolError as exc:
             raise UpstreamProtocolError(f"The model server did not answer in HTTP/1.1: {exc}") from None
+        if response.status < 300:
+            return response
         try:
             if response.status >= 400:
                 error_body = await _error_body(response)
                 raise UpstreamStatus(response.status, error_message(error_body) or "", body=error_body)
-            if response.status >= 300:
-                raise UpstreamProtocolError(
-                    f"The model server answered a redirect ({response.status}); chatgate does not follow them"
-                )
-            yield response
+            raise UpstreamProtocolError(
+                f"The model server answered a redirect ({response.status}); chatgate does not follow them"
+            )
         finally:
             response.release()
 

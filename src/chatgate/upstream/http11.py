@@ -264,13 +264,15 @@ class _Connection(asyncio.Protocol):
 
 
 class Response:
-    """An answer whose head has arrived; read the body with `async for chunk in response`."""
+    """An answer whose head has arrived; read the body with `async for chunk in response`, or
+    on a hot path `while (chunk := await response.next_chunk()) is not None` (no generator)."""
 
-    __slots__ = ("_conn", "_pool", "_released", "headers", "status")
+    __slots__ = ("_conn", "_pool", "_released", "headers", "next_chunk", "status")
 
     def __init__(self, pool: Pool, conn: _Connection) -> None:
         self._pool = pool
         self._conn = conn
+        self.next_chunk = conn.read  # everything received since the last call; None at the end
         self._released = False
         self.status = conn.status
         self.headers = conn.headers
