@@ -46,14 +46,29 @@ _DONE_ENDS = (b"[DONE]\n\n", b"[DONE]\r\n\r\n", b"[DONE]\r\r")
 
 
 def _worth_a_look(data: bytes) -> bool:
-    if _ERROR_KEY in data or data.endswith(_DONE_ENDS):
-        return True
+    return _ERROR_KEY in data or data.endswith(_DONE_ENDS) or _usage_object_at(data) >= 0
+
+
+def _usage_object_at(data: bytes) -> int:
     at = data.find(_USAGE_KEY)
     while at >= 0:
         if data[at + 8 : at + 10].lstrip()[:1] == b"{":
-            return True
+            return at
         at = data.find(_USAGE_KEY, at + 8)
-    return False
+    return -1
+
+
+def _first_event_to_read(data: bytes) -> int:
+    """Where, in a read of whole LF-framed events, the first event worth decoding starts: the
+    events before it are relayed without being cut apart (a read often holds a whole stream, and
+    only its usage chunk and [DONE] at the end need a look). 0 when unsure."""
+    if b"\r" in data:
+        return 0
+    found = [at for at in (data.find(_ERROR_KEY), data.find(b"[DONE]"), _usage_object_at(data)) if at >= 0]
+    if not found:
+        return 0
+    boundary = data.rfind(b"\n\n", 0, min(found))
+    return boundary + 2 if boundary >= 0 else 0
 
 
 def error_type(exc: ChatgateError) -> str:
@@ -238,9 +253,10 @@ class _StreamRelay:
         """Count tokens and note errors in these whole events; drop the usage chunk from a client
         that did not ask for it, and anything after [DONE]. Returns the bytes to send and whether
         [DONE] was among them."""
-        kept: list[bytes] = []
+        skip = _first_event_to_read(data)
+        kept: list[bytes] = [data[:skip]] if skip else []
         dropped = False
-        for raw in split_events(data):
+        for raw in split_events(data[skip:] if skip else data):
             if not _worth_a_look(raw):
                 kept.append(raw)
                 continue
