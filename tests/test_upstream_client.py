@@ -1,10 +1,18 @@
-"""Upstream helpers: the chat-completions URL and the message of an upstream error body."""
+"""The upstream client: URLs, upstream error messages, and where it connects."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import socket
+from typing import Any
 
-from chatgate.upstream.client import chat_completions_url, error_message
+import pytest
+from aiohttp.abc import AbstractResolver
+
+from chatgate.config import Settings
+from chatgate.errors import BadRequest
+from chatgate.security.ssrf import GuardedResolver, UpstreamPolicy
+from chatgate.upstream.client import Target, UpstreamClient, chat_completions_url, error_message
 
 
 @pytest.mark.parametrize(
@@ -36,3 +44,67 @@ def test_chat_completions_url(base_url: str, url: str) -> None:
 )
 def test_error_message(body: bytes, message: str | None) -> None:
     assert error_message(body) == message
+
+
+class ScriptedDNS(AbstractResolver):
+    """A resolver whose answers the test sets; every question is recorded."""
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        self.asked.append(host)
+        return [
+            {"hostname": host, "host": a, "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}
+            for a in self.answers
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def exchange(dns: ScriptedDNS, policy: UpstreamPolicy, url: str) -> bytes:
+    client = UpstreamClient(Settings(connect_timeout=2, first_byte_timeout=2), GuardedResolver(policy, dns))
+    await client.start()
+    try:
+        response = await client.open(Target(url, ""), b"{}")
+        try:
+            return await response.read()
+        finally:
+            response.release()
+    finally:
+        await client.close()
+
+
+def test_the_relay_connects_to_the_address_the_guard_checked() -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        url = f"http://rebind.example:{port}/v1/chat/completions"  # not in any real DNS
+        try:
+            # Allowed answer: the connection goes to exactly that address (no second lookup).
+            allowed = ScriptedDNS(["127.0.0.1"])
+            assert await exchange(allowed, UpstreamPolicy(allow=("127.0.0.1",)), url) == b"ok"
+            assert allowed.asked == ["rebind.example"]
+            # The same name now answers a private address (rebinding): refused at connect time.
+            rebound = ScriptedDNS(["10.0.0.7"])
+            with pytest.raises(BadRequest) as refused:
+                await exchange(rebound, UpstreamPolicy(allow=("127.0.0.1",)), url)
+            assert refused.value.param == "base_url"
+            # Cloud metadata stays refused whatever the policy.
+            metadata = ScriptedDNS(["169.254.169.254"])
+            with pytest.raises(BadRequest):
+                await exchange(metadata, UpstreamPolicy(allow_private=True), url)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
