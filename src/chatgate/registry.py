@@ -21,6 +21,7 @@ from chatgate.cache import LRUCache
 from chatgate.errors import BadRequest, NotFound, ValidationFailed
 from chatgate.security.crypto import mask
 from chatgate.store.schema import models as models_table
+from chatgate.store.values import as_utc, as_uuid
 
 Sharing = Literal["private", "public", "unlisted"]
 
@@ -314,8 +315,8 @@ class Registry:
 
     def _record(self, row: Any) -> ModelRecord:
         return ModelRecord(
-            id=_uuid(row["id"]),
-            user_id=_uuid(row["user_id"]),
+            id=as_uuid(row["id"]),
+            user_id=as_uuid(row["user_id"]),
             name=row["name"],
             base_url=row["base_url"],
             model_id=row["model_id"],
@@ -323,21 +324,10 @@ class Registry:
             description=row["description"],
             context_length=row["context_length"],
             sharing=row["sharing"],
-            folder_id=_uuid(row["folder_id"]) if row["folder_id"] is not None else None,
-            created_at=_aware(row["created_at"]),
-            updated_at=_aware(row["updated_at"]),
+            folder_id=as_uuid(row["folder_id"]) if row["folder_id"] is not None else None,
+            created_at=as_utc(row["created_at"]),
+            updated_at=as_utc(row["updated_at"]) if row["updated_at"] is not None else None,
         )
-
-
-def _uuid(value: Any) -> uuid.UUID:
-    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; chatgate writes UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 async def rotate_keys(engine: AsyncEngine, keys: Any) -> int:

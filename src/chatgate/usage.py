@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from chatgate.errors import ChatgateError
 from chatgate.store.schema import models as models_table
 from chatgate.store.schema import usage as usage_table
+from chatgate.store.values import as_utc, as_uuid
 from chatgate.trace import ChatTrace
 
 log = logging.getLogger("chatgate.usage")
@@ -192,17 +193,6 @@ class UsageRecord:
         }
 
 
-def _utc(value: datetime) -> datetime:
-    # Naive means UTC, as chatgate writes it (and as SQLite hands it back).
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _uuid(value: Any) -> uuid.UUID | None:
-    if value is None or isinstance(value, uuid.UUID):
-        return value
-    return uuid.UUID(str(value))
-
-
 async def query_usage(
     engine: AsyncEngine,
     *,
@@ -227,9 +217,9 @@ async def query_usage(
     if user_id is not None:
         query = query.where(u.c.user_id == user_id)
     if since is not None:
-        query = query.where(u.c.started_at >= _utc(since))
+        query = query.where(u.c.started_at >= as_utc(since))
     if until is not None:
-        query = query.where(u.c.started_at < _utc(until))
+        query = query.where(u.c.started_at < as_utc(until))
     query = query.order_by(u.c.started_at.desc(), u.c.request_id)
     if limit is not None:
         query = query.limit(limit)
@@ -239,10 +229,10 @@ async def query_usage(
         UsageRecord(
             request_id=row.request_id,
             endpoint=row.endpoint,
-            model_id=_uuid(row.model_id),
+            model_id=None if row.model_id is None else as_uuid(row.model_id),
             model_name=row.model_name,
-            user_id=_uuid(row.user_id),
-            started_at=_utc(row.started_at),
+            user_id=None if row.user_id is None else as_uuid(row.user_id),
+            started_at=as_utc(row.started_at),
             status=row.status,
             ttfb=row.ttfb,
             duration=row.duration,
