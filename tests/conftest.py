@@ -59,6 +59,19 @@ def backend(request: pytest.FixtureRequest) -> str:
     return name
 
 
+@pytest.fixture
+def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of this test's backend, dropped afterwards."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path}/chatgate.db"
+        return
+    url = services.create_database()
+    try:
+        yield url
+    finally:
+        services.drop_database(url)
+
+
 class Databases:
     """Databases made for chatgate servers of one backend; `new()` is None for SQLite (each
     server's data dir holds its file), else the URL of a fresh PostgreSQL database."""

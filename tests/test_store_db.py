@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -12,18 +10,6 @@ from tests.support import free_port, services
 
 from chatgate.errors import ServiceUnavailable
 from chatgate.store import db
-
-
-@pytest.fixture
-def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path}/chatgate.db"
-        return
-    url = services.create_database()
-    try:
-        yield url
-    finally:
-        services.drop_database(url)
 
 
 def test_migrations_create_the_tables_and_instances_may_run_them_together(backend: str, database_url: str) -> None:

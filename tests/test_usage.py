@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from chatgate.store import db
 from chatgate.store.schema import usage as usage_table
 from chatgate.trace import ChatTrace
-from chatgate.usage import UsageRecord, UsageRecorder, percentile, query_usage, summarize
+from chatgate.usage import COLUMNS, UsageRecord, UsageRecorder, percentile, query_usage, row_encoder, summarize
 
 
 def run(tmp_path: Path, body: Callable[[AsyncEngine], Awaitable[Any]], *, migrate: bool = True) -> Any:
@@ -104,12 +104,77 @@ def test_a_failed_write_is_logged_and_the_writer_goes_on(tmp_path: Path, caplog:
     assert "no such table: chatgate_usage" in warnings[0]
 
 
-def test_status_of_a_chat_the_client_left_early() -> None:
-    from chatgate.usage import usage_row
+def test_status_of_a_chat_the_client_left_early_and_a_long_error() -> None:
+    def row(trace: ChatTrace) -> dict[str, Any]:
+        return dict(zip(COLUMNS, row_encoder("postgresql")(trace), strict=True))
 
-    trace = finished(client_gone=True)
-    assert usage_row(trace)["status"] == 499
-    assert usage_row(finished(error="x" * 5000))["error"] == "x" * 1000
+    assert row(finished(client_gone=True))["status"] == 499
+    assert row(finished(error="x" * 5000))["error"] == "x" * 1000
+
+
+def test_rows_written_past_sqlalchemy_read_back_as_they_were(database_url: str) -> None:
+    """The recorder hands rows to the driver itself; SQLAlchemy must read every field back as
+    written, and time filters must order them, on both backends (a whole second included: SQLite
+    compares the stored text)."""
+    on_the_second = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+    traces = [
+        finished(status=200, prompt_tokens=3, completion_tokens=5, bytes_out=42, ttfb=0.25),
+        finished(status=502, error="upstream said no", started_at=on_the_second),
+        finished(client_gone=True, started_at=on_the_second + timedelta(microseconds=1)),
+        ChatTrace(endpoint="/api/chat/custom", status=404, started_at=on_the_second - timedelta(microseconds=1)),
+    ]
+
+    async def go() -> tuple[list[UsageRecord], list[UsageRecord]]:
+        engine = db.create_engine(database_url)
+        try:
+            await db.upgrade(engine)
+            recorder = UsageRecorder(engine, linger=0)
+            recorder.start()
+            for trace in traces:
+                recorder.record(trace)
+            await recorder.close()
+            window = await query_usage(engine, since=on_the_second, until=on_the_second + timedelta(seconds=1))
+            return await query_usage(engine), window
+        finally:
+            await engine.dispose()
+
+    rows, window = asyncio.run(go())
+    expected = {
+        t.request_id: (
+            t.endpoint,
+            t.model_id,
+            t.user_id,
+            t.started_at,
+            t.status or 499,
+            t.ttfb,
+            t.duration,
+            t.prompt_tokens,
+            t.completion_tokens,
+            t.bytes_out,
+            t.client_gone,
+            t.error,
+        )
+        for t in traces
+    }
+    read = {
+        r.request_id: (
+            r.endpoint,
+            r.model_id,
+            r.user_id,
+            r.started_at,
+            r.status,
+            r.ttfb,
+            r.duration,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.bytes_out,
+            r.client_gone,
+            r.error,
+        )
+        for r in rows
+    }
+    assert read == expected
+    assert [r.request_id for r in window] == [traces[2].request_id, traces[1].request_id]
 
 
 def test_count_tokens_takes_only_integers() -> None:

@@ -1,10 +1,16 @@
-"""Column values as the store hands them back, made uniform across SQLite and PostgreSQL."""
+"""Column values as the store hands them back, made uniform across SQLite and PostgreSQL, and
+as a driver takes them when a hot write skips SQLAlchemy's per-row type processing."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+
+# How SQLAlchemy's SQLite dialect stores a DateTime; stored text compares in time order only if
+# every value has this exact shape (microseconds included even when zero).
+_SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
 
 
 def as_uuid(value: Any) -> uuid.UUID:
@@ -15,3 +21,19 @@ def as_uuid(value: Any) -> uuid.UUID:
 def as_utc(value: datetime) -> datetime:
     """A timestamp in UTC: naive means UTC, as chatgate writes it and SQLite hands it back."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def uuid_for(dialect: str) -> Callable[[uuid.UUID | None], Any]:
+    """The driver value of a nullable UUID column: asyncpg takes `uuid.UUID`, SQLite (as
+    SQLAlchemy stores it) the 32-character hex string."""
+    if dialect == "sqlite":
+        return lambda value: None if value is None else value.hex
+    return lambda value: value
+
+
+def datetime_for(dialect: str) -> Callable[[datetime], Any]:
+    """The driver value of a timestamp column (given in UTC): asyncpg takes the datetime, SQLite
+    the text SQLAlchemy would have written for it."""
+    if dialect == "sqlite":
+        return lambda value: value.astimezone(UTC).strftime(_SQLITE_DATETIME)
+    return lambda value: value
