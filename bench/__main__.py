@@ -8,6 +8,7 @@ stopped before the next starts. See docs/performance.md for the method.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -45,7 +46,7 @@ class Options:
     hold_route: str
     litellm_hold: int
     slow_delay: float
-    spin: bool
+    poll_idle: bool
     out: Path
 
 
@@ -69,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--litellm-hold", type=int, default=0, metavar="N", help="also hold N streams through LiteLLM (slow)"
     )
     ap.add_argument(
-        "--no-spin", action="store_true", help="let idle cores halt (no SCHED_IDLE spinners; P99 gets VM wake-ups)"
+        "--let-idle-halt",
+        action="store_true",
+        help="do not ask the kernel to poll when idle (P99 then includes VM wake-ups; see docs/performance.md)",
     )
     ap.add_argument("--slow-delay", type=float, default=5.0, help="seconds between deltas of a held stream (default 5)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -92,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         hold_route=a.hold_route,
         litellm_hold=a.litellm_hold,
         slow_delay=a.slow_delay,
-        spin=not a.no_spin,
+        poll_idle=not a.let_idle_halt,
         out=a.out,
     )
 
@@ -119,7 +122,6 @@ class Bench:
     opts: Options
     log_dir: Path
     upstream: procs.Server
-    quiet_pids: list[int]
     runs: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -138,8 +140,8 @@ class Bench:
             "watch_pids": watch,
             "aux_pids": self.upstream.pids if watch != self.upstream.pids else [],
             "core_pids": {
-                procs.SERVER_CORE: self.quiet_pids[:1] + (watch if watch != self.upstream.pids else []),
-                procs.CLIENT_CORE: self.quiet_pids[1:] + self.upstream.pids,
+                procs.SERVER_CORE: watch if watch != self.upstream.pids else [],
+                procs.CLIENT_CORE: self.upstream.pids,
             },
         }
         if scenario == "hold":
@@ -356,19 +358,18 @@ def main(argv: list[str] | None = None) -> int:
          "--slow-delay", str(opts.slow_delay)],
         port=up_port, core=procs.CLIENT_CORE, log_dir=log_dir, cwd=ROOT,
     )  # fmt: skip
-    spinners = procs.Spinners([procs.SERVER_CORE, procs.CLIENT_CORE] if opts.spin else [])  # server's first
-    try:
-        with running(upstream, "/healthz", 15):
-            bench = Bench(opts, log_dir, upstream, spinners.pids)
-            for group in opts.groups:
-                print(f"[{time.monotonic() - t0:5.0f}s] {group}", flush=True)
-                try:
-                    RUNNERS[group](bench)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    print(f"  {group} failed: {exc}", flush=True)
-                    bench.notes.append(f"{group} failed: {str(exc).splitlines()[0]}")
-    finally:
-        spinners.stop()
+    no_halt = procs.NoIdleHalt()
+    with running(upstream, "/healthz", 15), no_halt if opts.poll_idle else contextlib.nullcontext():
+        bench = Bench(opts, log_dir, upstream)
+        if no_halt.problem:
+            bench.notes.append(no_halt.problem)
+        for group in opts.groups:
+            print(f"[{time.monotonic() - t0:5.0f}s] {group}", flush=True)
+            try:
+                RUNNERS[group](bench)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                print(f"  {group} failed: {exc}", flush=True)
+                bench.notes.append(f"{group} failed: {str(exc).splitlines()[0]}")
 
     meta = {
         "started": started,
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": opts.reps,
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
         "fd_limit": limit,
-        "idle_spinners": opts.spin,
+        "poll_idle": opts.poll_idle and no_halt.problem is None,
         "notes": list(dict.fromkeys(bench.notes)),
         "wall_s": time.monotonic() - t0,
     }

@@ -64,7 +64,7 @@ class Spec:
     release_port: int | None = None
     watch_pids: list[int] = field(default_factory=list)
     aux_pids: list[int] = field(default_factory=list)
-    # The bench's own processes on each core (servers, upstream, idle spinners; this process is
+    # The bench's own processes on each core (server, upstream; this process is
     # added to the client core): CPU on a core beyond theirs is "other load".
     core_pids: dict[str, list[int]] = field(default_factory=dict)
 

@@ -11,8 +11,8 @@ import os
 import resource
 import signal
 import socket
+import struct
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -188,42 +188,38 @@ class Server:
                 pass
 
 
-_SPIN = """
-import os, time
-os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-end = time.monotonic() + {seconds}
-while time.monotonic() < end:
-    pass
-"""
+class NoIdleHalt:
+    """Keeps idle cores from halting while the bench runs: a PM QoS request for zero wake-up
+    latency (`/dev/cpu_dma_latency`, held while the file stays open), which makes the kernel's
+    idle loop poll instead of halt, as `idle=poll` would.
 
-
-class Spinners:
-    """One SCHED_IDLE busy loop per core, so that no core halts while the bench runs.
-
-    On this VM an idle vCPU halts and takes milliseconds to wake, which then dominates P99 at
-    concurrency 1 (a bare ASGI app showed +4 ms P99 over direct). A SCHED_IDLE task yields to any
-    real task at once, as `idle=poll` would, and the servers' own CPU time is not affected.
+    On a VM a halted vCPU can take milliseconds to wake, and that dominates P99 at concurrency 1
+    (a bare ASGI app measured +4 ms P99 over direct without this). Polling is the kernel's idle
+    loop, not a task: it takes no CPU time from the processes measured, unlike the SCHED_IDLE busy
+    loops an earlier version ran (on one host those halved every server's throughput).
     """
 
-    def __init__(self, cores: Sequence[str], max_seconds: float = 1800) -> None:
-        self.procs = [
-            subprocess.Popen(
-                ["taskset", "-c", core, sys.executable, "-c", _SPIN.format(seconds=max_seconds)],
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            for core in cores
-        ]
+    PATH = "/dev/cpu_dma_latency"
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self.problem: str | None = None
 
-    def stop(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            p.wait(5)
+    def __enter__(self) -> NoIdleHalt:
+        try:
+            self._fd = os.open(self.PATH, os.O_WRONLY)
+            os.write(self._fd, struct.pack("=i", 0))
+        except OSError as exc:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self.problem = f"idle cores may halt (P99 then includes VM wake-ups): {self.PATH}: {exc.strerror}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing withdraws the request
+            self._fd = None
 
 
 def start(

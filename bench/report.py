@@ -280,7 +280,9 @@ def markdown(
         [
             f"Run {meta['started']} on {meta['machine']} — {meta['reps']} repetition(s), medians shown, "
             f"wall time {meta['wall_s']:.0f} s"
-            + (", idle cores kept awake by SCHED_IDLE spinners." if meta.get("idle_spinners") else "."),
+            + (
+                ", idle cores polling (PM QoS latency 0)." if meta.get("poll_idle") else ", idle cores allowed to halt."
+            ),
             "",
             "**Streams of 32 chunks** (TTFB = first body byte; CPU = serving process utime+stime per completed "
             "request)",
