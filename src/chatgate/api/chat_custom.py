@@ -22,7 +22,7 @@ from chatgate.registry import parse_id
 from chatgate.runtime import Runtime
 from chatgate.trace import ChatTrace
 from chatgate.upstream.http11 import Response
-from chatgate.upstream.sse import DONE, SSEDecoder
+from chatgate.upstream.sse import DONE, SSEDecoder, data_array
 
 log = logging.getLogger("chatgate.chat")
 
@@ -73,7 +73,7 @@ class CustomChat:
             at_start = True
             ended = False
             while (chunk := await response.next_chunk()) is not None:
-                texts, finished = _texts(decoder.feed_data(chunk), trace)
+                texts, finished = _read_texts(chunk, decoder, trace)
                 if texts:
                     text = "".join(texts)
                     if at_start:
@@ -104,12 +104,30 @@ class CustomChat:
             await run_chat(runtime, scope, receive, trace, record, payload, relay)
 
 
+def _read_texts(chunk: bytes, decoder: SSEDecoder, trace: ChatTrace) -> tuple[list[str], bool]:
+    """The delta texts of one upstream read, and whether it ended the stream ([DONE]).
+
+    A read of whole one-line events (nearly every read) is parsed as one JSON array made from it
+    directly (`data_array`); any other read, or one whose array does not parse into one value
+    per event, goes through the SSE decoder."""
+    if decoder.at_boundary and (whole := data_array(chunk)) is not None:
+        array, count, finished = whole
+        try:
+            objects = orjson.loads(array)
+        except orjson.JSONDecodeError:
+            objects = None
+        if objects is not None and len(objects) == count:
+            return _object_texts(objects, trace), finished
+    return _texts(decoder.feed_data(chunk), trace)
+
+
 def _texts(events: list[bytes], trace: ChatTrace) -> tuple[list[str], bool]:
-    """The delta texts of one read's events, and whether [DONE] was among them.
+    """The delta texts of decoded events, and whether [DONE] was among them.
 
     The events' JSON is parsed in one call (as an array) rather than one call per event: most of
-    a relay's parsing time was per-call overhead. An event that breaks the array is found, and
-    reported, by parsing them one by one."""
+    a relay's parsing time was per-call overhead. An event that breaks the array, or broken
+    events that the commas joined into one value, are found and reported by parsing them one by
+    one."""
     finished = DONE in events
     datas = events[: events.index(DONE)] if finished else events
     if not datas:
@@ -117,7 +135,14 @@ def _texts(events: list[bytes], trace: ChatTrace) -> tuple[list[str], bool]:
     try:
         objects = orjson.loads(b"[" + b",".join(datas) + b"]") if len(datas) > 1 else [orjson.loads(datas[0])]
     except orjson.JSONDecodeError:
+        objects = []
+    if len(objects) != len(datas):  # a broken event; or broken ones that, joined, made one value
         objects = [_parse_event(data) for data in datas]
+    return _object_texts(objects, trace), finished
+
+
+def _object_texts(objects: list[Any], trace: ChatTrace) -> list[str]:
+    """The delta texts of parsed events, in order; usage taken, in-band errors raised."""
     texts = []
     for obj in objects:
         try:
@@ -133,7 +158,7 @@ def _texts(events: list[bytes], trace: ChatTrace) -> tuple[list[str], bool]:
         text = _delta_text(obj, trace)
         if text:
             texts.append(text)
-    return texts, finished
+    return texts
 
 
 def _parse_event(data: bytes) -> object:

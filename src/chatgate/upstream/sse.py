@@ -32,6 +32,11 @@ class SSEDecoder:
         self._data: list[bytes] = []
         self._event = b""
 
+    @property
+    def at_boundary(self) -> bool:
+        """Whether the next chunk starts a new event (nothing unfinished is held)."""
+        return not (self._tail or self._skip_lf or self._data or self._event)
+
     def feed(self, chunk: bytes) -> list[Event]:
         """Decode one chunk and return the events it completed, in order."""
         return [Event(b"", item) if type(item) is bytes else item for item in self._feed(chunk)]  # type: ignore[misc]
@@ -116,6 +121,32 @@ class SSEDecoder:
         elif field == b"event":
             self._event = value
         # `id` and `retry` mean nothing to a relay that does not reconnect.
+
+
+_DATA = b"data: "
+_BETWEEN = b"\n\n" + _DATA
+_DONE_EVENT = b"data: " + DONE + b"\n\n"
+
+
+def data_array(chunk: bytes) -> tuple[bytes, int, bool] | None:
+    """For a read of whole one-line `data: {…}` events with LF framing, what servers write nearly
+    always: their data as one JSON array text, the number of events in it, and whether the read
+    ended with [DONE]. None for any other read, which the decoder must take.
+
+    No event is cut out one by one: the separators become commas in one pass. A JSON string
+    cannot hold a raw line end, so `\\n\\ndata: ` occurs only between events. Anything else in the
+    read (a comment, an `event:` line, a multi-line data, [DONE] before the end) leaves text that
+    is not JSON, and the caller goes back to the decoder when the array does not parse or its
+    length is not the number of events."""
+    finished = chunk.endswith(_DONE_EVENT)
+    if finished:
+        chunk = chunk[: -len(_DONE_EVENT)]
+        if not chunk:
+            return b"[]", 0, True
+    if not (chunk.startswith(b"data: {") and chunk.endswith(b"}\n\n")) or b"\r" in chunk:
+        return None
+    events = chunk.count(_BETWEEN) + 1
+    return b"[" + chunk[6:-2].replace(_BETWEEN, b",") + b"]", events, finished
 
 
 # A blank line ends an event: two line ends in a row, each CR, LF or CRLF (a CR followed by LF
