@@ -8,9 +8,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-# How SQLAlchemy's SQLite dialect stores a DateTime; stored text compares in time order only if
-# every value has this exact shape (microseconds included even when zero).
-_SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
+# SQLAlchemy's SQLite dialect stores a DateTime as "%Y-%m-%d %H:%M:%S.%f"; stored text compares
+# in time order only if every value has that exact shape (microseconds included even when zero).
 
 
 def as_uuid(value: Any) -> uuid.UUID:
@@ -35,5 +34,8 @@ def datetime_for(dialect: str) -> Callable[[datetime], Any]:
     """The driver value of a timestamp column (given in UTC): asyncpg takes the datetime, SQLite
     the text SQLAlchemy would have written for it."""
     if dialect == "sqlite":
-        return lambda value: value.astimezone(UTC).strftime(_SQLITE_DATETIME)
+        # isoformat with fixed microseconds is this text plus an offset, at half strftime's cost.
+        return lambda value: (value if value.tzinfo is UTC else value.astimezone(UTC)).isoformat(" ", "microseconds")[
+            :26
+        ]
     return lambda value: value
