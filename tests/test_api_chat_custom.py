@@ -1,4 +1,4 @@
-"""The custom route's reading of upstream reads: the whole-read fast path (`data_array`) must give
+"""api/chat_custom.py: the reading of upstream reads: the whole-read fast path (`data_array`) must give
 exactly what the SSE decoder path gives, texts, end, token counts and errors, for any stream cut
 into reads anywhere."""
 
