@@ -1,6 +1,6 @@
-"""api/chat_custom.py: the reading of upstream reads: the whole-read fast path (`data_array`) must give
-exactly what the SSE decoder path gives, texts, end, token counts and errors, for any stream cut
-into reads anywhere."""
+"""api/chat_custom.py's reading of upstream reads: the whole-read fast path (`data_array`) must
+give exactly what the SSE decoder path gives (texts, end, token counts and errors) for any
+stream cut into reads anywhere."""
 
 from __future__ import annotations
 
