@@ -8,9 +8,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-# SQLAlchemy's SQLite dialect stores a DateTime as "%Y-%m-%d %H:%M:%S.%f"; stored text compares
-# in time order only if every value has that exact shape (microseconds included even when zero).
-
 
 def as_uuid(value: Any) -> uuid.UUID:
     """A UUID column: asyncpg gives `uuid.UUID`, SQLite a 32-character hex string."""
@@ -31,11 +28,16 @@ def uuid_for(dialect: str) -> Callable[[uuid.UUID | None], Any]:
 
 
 def datetime_for(dialect: str) -> Callable[[datetime], Any]:
-    """The driver value of a timestamp column (given in UTC): asyncpg takes the datetime, SQLite
-    the text SQLAlchemy would have written for it."""
-    if dialect == "sqlite":
-        # isoformat with fixed microseconds is this text plus an offset, at half strftime's cost.
-        return lambda value: (value if value.tzinfo is UTC else value.astimezone(UTC)).isoformat(" ", "microseconds")[
-            :26
-        ]
-    return lambda value: value
+    """The driver value of a timestamp column: asyncpg takes the datetime, SQLite the text
+    SQLAlchemy would have written for it in UTC."""
+    if dialect != "sqlite":
+        return lambda value: value
+
+    def sqlite_text(value: datetime) -> str:
+        # SQLAlchemy writes "%Y-%m-%d %H:%M:%S.%f", and stored text sorts in time order only if
+        # every value has that shape, microseconds included when zero. isoformat with fixed
+        # microseconds gives it, plus an offset to cut off, at half strftime's cost.
+        utc = value if value.tzinfo is UTC else value.astimezone(UTC)
+        return utc.isoformat(" ", "microseconds")[:26]
+
+    return sqlite_text
