@@ -115,9 +115,10 @@ def _read_texts(chunk: bytes, decoder: SSEDecoder, trace: ChatTrace) -> tuple[li
         try:
             objects = orjson.loads(array)
         except orjson.JSONDecodeError:
-            objects = None
-        if objects is not None and len(objects) == count:
-            return _object_texts(objects, trace), finished
+            pass
+        else:
+            if len(objects) == count:
+                return _object_texts(objects, trace), finished
     return _texts(decoder.feed_data(chunk), trace)
 
 

@@ -125,7 +125,7 @@ class SSEDecoder:
 
 _DATA = b"data: "
 _BETWEEN = b"\n\n" + _DATA
-_DONE_EVENT = b"data: " + DONE + b"\n\n"
+_DONE_EVENT = _DATA + DONE + b"\n\n"
 
 
 def data_array(chunk: bytes) -> tuple[bytes, int, bool] | None:
@@ -143,10 +143,10 @@ def data_array(chunk: bytes) -> tuple[bytes, int, bool] | None:
         chunk = chunk[: -len(_DONE_EVENT)]
         if not chunk:
             return b"[]", 0, True
-    if not (chunk.startswith(b"data: {") and chunk.endswith(b"}\n\n")) or b"\r" in chunk:
+    if not (chunk.startswith(_DATA + b"{") and chunk.endswith(b"}\n\n")) or b"\r" in chunk:
         return None
     events = chunk.count(_BETWEEN) + 1
-    return b"[" + chunk[6:-2].replace(_BETWEEN, b",") + b"]", events, finished
+    return b"[" + chunk[len(_DATA) : -2].replace(_BETWEEN, b",") + b"]", events, finished
 
 
 # A blank line ends an event: two line ends in a row, each CR, LF or CRLF (a CR followed by LF
