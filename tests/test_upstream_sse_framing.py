@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from chatgate.errors import UpstreamProtocolError
 from chatgate.upstream.sse import Event, EventFramer, decode_event, split_events
 
 STREAM = b'data: {"a":1}\n\n: ping\n\ndata: {"b":2}\n\ndata: [DONE]\n\n'
@@ -50,7 +51,18 @@ def test_decode_event() -> None:
     assert decode_event(b": comment\n\n") == []
 
 
-def test_a_stream_that_never_ends_an_event_is_passed_on_past_the_limit() -> None:
-    framer = EventFramer(max_held=12)
+def test_a_stream_that_never_ends_an_event_fails_past_the_limit() -> None:
+    # An answer that is not SSE is not relayed as SSE: past the bound it is an error, not passed on.
+    framer = EventFramer(max_event_bytes=12)
     assert framer.feed(b"data: 12345") == b""
-    assert framer.feed(b"6789") == b"data: 123456789"
+    with pytest.raises(UpstreamProtocolError, match="more than 12 bytes without ending an event"):
+        framer.feed(b"6789")
+
+
+@pytest.mark.parametrize("ends", [(b"\n", b"\n"), (b"\r\n", b"\r\n"), (b"\r", b"\r")])
+def test_a_blank_line_split_across_reads_ends_the_held_event(ends: tuple[bytes, bytes]) -> None:
+    first, second = ends
+    framer = EventFramer()
+    assert framer.feed(b"data: a" + first) == b""
+    assert framer.feed(second + b"data: b") == b"data: a" + first + second
+    assert framer.flush() == b"data: b"

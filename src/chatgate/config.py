@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     idle_timeout: float = Field(60.0, gt=0)
     # A non-streamed answer's head comes only when the whole answer is ready: its own, longer wait.
     completion_timeout: float = Field(600.0, gt=0)
+    # Largest single SSE event held from a model server, in bytes; beyond it the stream fails (502,
+    # or an aborted answer once it began): a server that never ends an event cannot fill memory.
+    max_event_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
 
     # Size of the in-process model cache (entries) and its safety-net TTL (seconds).
     model_cache_size: int = Field(1024, ge=1)

@@ -4,6 +4,12 @@ Hand-written because it runs once per upstream read on every streamed chat: it w
 keeps only the unfinished tail between reads, and handles what real servers send: LF, CR and
 CRLF line ends (a CRLF may be split across two reads), comment lines such as `: ping`,
 multi-line `data:` fields, and events without a trailing blank line at end of stream.
+
+Decoding is linear in the bytes read: the pieces of an unfinished line or event are kept in a
+list and only a new read is searched for the boundary that completes them; they are joined once,
+when it comes. (Re-joining the tail on every read made a 200 MB body without a boundary cost 64 s
+of CPU.) One event is bounded (`max_event_bytes`): a server that never ends one fails the stream
+instead of filling memory.
 """
 
 from __future__ import annotations
@@ -11,7 +17,11 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from chatgate.errors import UpstreamProtocolError
+
 DONE = b"[DONE]"
+# Far above any real chat event (a few KiB; tool-call arguments or a logprobs event, tens).
+DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
 
 
 class Event(NamedTuple):
@@ -21,16 +31,24 @@ class Event(NamedTuple):
     data: bytes
 
 
+def event_too_large(limit: int) -> UpstreamProtocolError:
+    return UpstreamProtocolError(f"The model server sent more than {limit} bytes without ending an event")
+
+
 class SSEDecoder:
     """Feed it network chunks; it returns the events each chunk completed."""
 
-    __slots__ = ("_data", "_event", "_skip_lf", "_tail")
+    __slots__ = ("_data", "_data_size", "_event", "_limit", "_skip_lf", "_tail", "_tail_size")
 
-    def __init__(self) -> None:
-        self._tail = b""
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        # The pieces of an unfinished line: never a line end in them.
+        self._tail: list[bytes] = []
+        self._tail_size = 0
         self._skip_lf = False
         self._data: list[bytes] = []
+        self._data_size = 0
         self._event = b""
+        self._limit = max_event_bytes
 
     @property
     def at_boundary(self) -> bool:
@@ -52,20 +70,31 @@ class SSEDecoder:
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
         if self._tail:
-            chunk = self._tail + chunk
-            self._tail = b""
+            if b"\n" not in chunk and b"\r" not in chunk:
+                self._hold(chunk)  # the same line goes on: nothing to join or decode yet
+                return []
+            self._tail.append(chunk)
+            chunk = b"".join(self._tail)
+            self._tail = []
+            self._tail_size = 0
         if not chunk:
             return []
         if b"\r" not in chunk and not self._data and not self._event:
             return self._feed_lf(chunk)
         return list(self._feed_lines(chunk))
 
+    def _hold(self, piece: bytes) -> None:
+        self._tail.append(piece)
+        self._tail_size += len(piece)
+        if self._tail_size + self._data_size > self._limit:
+            raise event_too_large(self._limit)
+
     def _feed_lf(self, chunk: bytes) -> list[bytes | Event]:
         # The common case, LF framing from a clean event boundary: cut whole events at blank
         # lines, and take a lone `data: ` line without going line by line (most of a relay's
         # parsing time was the general path below). Such an event is returned as its bare data.
         blocks = chunk.split(b"\n\n")
-        self._tail = blocks.pop()
+        tail = blocks.pop()
         items: list[bytes | Event] = []
         for block in blocks:
             if block[:6] == b"data: " and b"\n" not in block:
@@ -76,16 +105,27 @@ class SSEDecoder:
                     self._line(line, events)
                 self._line(b"", events)
                 items.extend(events)
-        if self._tail[:1] == b"\n":
-            # Three or more line ends in a row: the extra ones are blank lines, nothing more.
-            self._tail = self._tail.lstrip(b"\n")
+        if tail:
+            if tail[:1] == b"\n":
+                # Three or more line ends in a row: the extra ones are blank lines, nothing more.
+                tail = tail.lstrip(b"\n")
+            cut = tail.rfind(b"\n")
+            if cut >= 0:
+                # Whole lines of an unfinished event are decoded now, so that what is held is
+                # only an unfinished line (which a read without a line end cannot finish).
+                no_events: list[Event] = []
+                for line in tail[:cut].split(b"\n"):
+                    self._line(line, no_events)
+                tail = tail[cut + 1 :]
+            if tail:
+                self._hold(tail)
         return items
 
     def _feed_lines(self, chunk: bytes) -> list[Event]:
         lines = chunk.splitlines(keepends=True)
         last = lines[-1]
         if last[-1:] not in (b"\n", b"\r"):
-            self._tail = lines.pop()
+            self._hold(lines.pop())
         elif last[-1:] == b"\r":
             self._skip_lf = True
         events: list[Event] = []
@@ -97,10 +137,9 @@ class SSEDecoder:
         """End of stream: dispatch what a well-behaved server would have ended with a blank line."""
         events: list[Event] = []
         if self._tail:
-            # The LF fast path may hold several complete lines of an unfinished event.
-            for line in self._tail.splitlines():
-                self._line(line, events)
-            self._tail = b""
+            self._line(b"".join(self._tail), events)
+            self._tail = []
+            self._tail_size = 0
         self._line(b"", events)
         return events
 
@@ -109,6 +148,7 @@ class SSEDecoder:
             if self._data:
                 events.append(Event(self._event, b"\n".join(self._data)))
                 self._data = []
+                self._data_size = 0
             self._event = b""
             return
         if line[:1] == b":":
@@ -118,6 +158,9 @@ class SSEDecoder:
             value = value[1:]
         if field == b"data":
             self._data.append(value)
+            self._data_size += len(value) + 1
+            if self._data_size + self._tail_size > self._limit:
+                raise event_too_large(self._limit)
         elif field == b"event":
             self._event = value
         # `id` and `retry` mean nothing to a relay that does not reconnect.
@@ -147,6 +190,24 @@ def data_array(chunk: bytes) -> tuple[bytes, int, bool] | None:
         return None
     events = chunk.count(_BETWEEN) + 1
     return b"[" + chunk[len(_DATA) : -2].replace(_BETWEEN, b",") + b"]", events, finished
+
+
+_FINISH_KEY = b'"finish_reason":'
+
+
+def ends_finished(data: bytes) -> bool:
+    """Whether the last event in `data` that names a `finish_reason` gives one (any choice of it):
+    the end of a complete answer, for a stream that has no [DONE]. A byte search, made once, on a
+    stream's last reads: inside a JSON string the quotes are escaped, so this matches keys only."""
+    at = data.rfind(_FINISH_KEY)
+    if at < 0:
+        return False
+    at = data.rfind(b"data:", 0, at) + 1  # from the start of that event (n > 1: several choices)
+    while (at := data.find(_FINISH_KEY, at)) >= 0:
+        at += len(_FINISH_KEY)
+        if data[at : at + 8].lstrip()[:4] != b"null":
+            return True
+    return False
 
 
 # A blank line ends an event: two line ends in a row, each CR, LF or CRLF (a CR followed by LF
@@ -179,30 +240,61 @@ class EventFramer:
 
     `feed` returns the complete events of a read and keeps an unfinished one for the next: no SSE
     client can dispatch half an event, so holding it back costs no latency, and the relay gets
-    whole events to look into. A stream that never ends an event is passed through once the held
-    part exceeds `max_held` bytes."""
+    whole events to look into. An unfinished event is kept as pieces and only new bytes are
+    searched for its end (linear time); one larger than `max_event_bytes` fails the stream with
+    `UpstreamProtocolError`: an answer that never ends an event is not relayed as SSE."""
 
-    __slots__ = ("_held", "_max_held")
+    __slots__ = ("_edge", "_held", "_limit", "_size")
 
-    def __init__(self, max_held: int = 1 << 20) -> None:
-        self._held = b""
-        self._max_held = max_held
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._held: list[bytes] = []
+        self._size = 0
+        # The held part's last bytes: a blank line may begin in them and end in the next read.
+        self._edge = b""
+        self._limit = max_event_bytes
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._held:
-            chunk = self._held + chunk
-            self._held = b""
-        if chunk.endswith(_EVENT_ENDS):  # what real servers write: whole events per read
-            return chunk
-        end = 0
-        for match in _BLANK_LINE.finditer(chunk):
-            end = match.end()
-        if len(chunk) - end > self._max_held:
-            return chunk
-        self._held = chunk[end:]
-        return chunk[:end]
+        if not self._held:
+            if chunk.endswith(_EVENT_ENDS):  # what real servers write: whole events per read
+                return chunk
+            end = _last_boundary(chunk)
+            if end < len(chunk):
+                self._hold(chunk[end:])
+            return chunk[:end]
+        edge = self._edge
+        end = _last_boundary(edge + chunk) - len(edge)
+        if end <= 0:
+            self._hold(chunk)
+            return b""
+        held = self._held
+        held.append(chunk[:end])
+        data = b"".join(held)
+        self._held = []
+        self._size = 0
+        self._edge = b""
+        if end < len(chunk):
+            self._hold(chunk[end:])
+        return data
+
+    def _hold(self, piece: bytes) -> None:
+        self._held.append(piece)
+        self._size += len(piece)
+        if self._size > self._limit:
+            raise event_too_large(self._limit)
+        self._edge = piece[-3:] if len(piece) >= 3 else (self._edge + piece)[-3:]
 
     def flush(self) -> bytes:
         """End of stream: whatever was held (an event without its closing blank line)."""
-        held, self._held = self._held, b""
+        held = b"".join(self._held)
+        self._held = []
+        self._size = 0
+        self._edge = b""
         return held
+
+
+def _last_boundary(data: bytes) -> int:
+    """Where the last blank line in `data` ends (0 if there is none)."""
+    end = 0
+    for match in _BLANK_LINE.finditer(data):
+        end = match.end()
+    return end
