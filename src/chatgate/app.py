@@ -16,7 +16,7 @@ from chatgate.api import chat_custom, chat_openai, openapi
 from chatgate.api.asgi import BodyLimit, ClientGone, Receive, Scope, Send, send_json
 from chatgate.api.control import build_control_app
 from chatgate.config import Settings
-from chatgate.errors import ChatgateError, ServiceUnavailable, UpstreamError
+from chatgate.errors import ChatgateError, ServiceUnavailable, UpstreamError, UpstreamStatus
 from chatgate.runtime import Runtime
 from chatgate.trace import ChatTrace
 
@@ -72,6 +72,8 @@ class Gateway:
                 headers = [(b"x-request-id", trace.request_id.encode())]
                 if hasattr(exc, "retry_after"):
                     headers.append((b"retry-after", str(exc.retry_after).encode()))
+                if isinstance(exc, UpstreamStatus):
+                    headers += exc.headers  # the upstream's Retry-After, passed on
                 await send_json(send, exc.status, render(exc), headers)
         except Exception:
             # The one broad catch: whatever escaped is a bug; the client learns nothing of it.

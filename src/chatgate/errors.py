@@ -14,6 +14,7 @@ ChatgateError
  │    ├── UpstreamStatus         the upstream's own HTTP error, status passed through
  │    ├── UpstreamUnreachable    502: connect failed, connection reset before an answer
  │    ├── UpstreamProtocolError  502: the answer was not what an OpenAI server sends
+ │    ├── UpstreamIncomplete     502: the stream ended without finish_reason or [DONE] (a cut)
  │    └── UpstreamTimeout        504: no first byte, or idle too long
  └── ServiceUnavailable          503: our own database is down
 """
@@ -94,10 +95,14 @@ class UpstreamError(ChatgateError):
 class UpstreamStatus(UpstreamError):
     """The upstream answered an HTTP error; its status and message are passed through."""
 
-    def __init__(self, status: int, message: str, *, body: bytes = b"") -> None:
+    def __init__(
+        self, status: int, message: str, *, body: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = body
+        # Response headers passed on to the caller (Retry-After), already sanitised.
+        self.headers = headers or []
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -106,6 +111,13 @@ class UpstreamUnreachable(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     code = "upstream_protocol_error"
+
+
+class UpstreamIncomplete(UpstreamError):
+    """The stream ended cleanly at the HTTP level but not as a complete answer: no `[DONE]` and no
+    `finish_reason` on its last choice (a server that died mid-answer on a close-delimited body)."""
+
+    code = "upstream_incomplete"
 
 
 class UpstreamTimeout(UpstreamError):

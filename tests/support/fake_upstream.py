@@ -112,7 +112,7 @@ def default_script(body: Any) -> Script:
 
 
 # Steps that do not pull the headers out before them: a script may begin with silence or a reset.
-PRE_HEADER_STEPS = frozenset({"hang_before_headers", "cut", "close"})
+PRE_HEADER_STEPS = frozenset({"hang_before_headers", "cut", "close", "informational"})
 
 
 class _Closed(Exception):
@@ -356,6 +356,11 @@ class _Responder:
             await self.send(arg.encode())
         elif kind == "send_hex":
             await self.send(bytes.fromhex(arg))
+        elif kind == "flood":
+            text, total = arg
+            piece = (text.encode() * (65536 // max(len(text), 1) + 1))[:65536]
+            for start in range(0, int(total), len(piece)):
+                await self.send(piece[: int(total) - start])
         elif kind == "delta":
             await self.send(shapes.sse(shapes.chunk(model, content=arg)))
         elif kind == "role":
@@ -380,6 +385,10 @@ class _Responder:
             raise _Closed
         elif kind == "body":
             await self.send_body(arg)
+        elif kind == "informational":
+            # As a CDN sends 103 Early Hints: an interim head, then (later) the real one.
+            await self.conn.write(http11.response_head(int(arg), [("link", "</hint.css>; rel=preload")]))
+            await asyncio.sleep(0.1)  # the real head comes later, in another read
 
     async def wait(self, gate: str) -> None:
         state = self.conn.state

@@ -11,9 +11,14 @@ or "raw" (no status line or headers at all: the steps write every byte, then the
 Each step is an object with exactly one of these keys:
 
     {"headers": true}              write the status line and headers here; without this step they
-                                   go before the first step other than hang_before_headers, cut, close
+                                   go before the first step other than hang_before_headers, cut,
+                                   close, informational
+    {"informational": 103}         an interim 1xx response (with a Link header), then 0.1 s before
+                                   anything else (the real head comes in another read)
     {"send": "text"}               these UTF-8 bytes, as-is (CR, LF, CRLF, ": ping\\n\\n", ...)
     {"send_hex": "c3"}             these raw bytes (split UTF-8, invalid bytes)
+    {"flood": ["x", 52428800]}     this text repeated to that many bytes, in 64 KiB writes (a server
+                                   that never ends an event; the script stays small)
     {"delta": "text"}              data: event with a content delta chunk
     {"role": "assistant"}          data: event with a role-only chunk
     {"finish": "stop"}             data: event with an empty delta and this finish_reason
@@ -41,8 +46,8 @@ from tests.support import openai_shapes as shapes
 
 Step = dict[str, Any]
 
-STREAM_STEPS = frozenset({"headers", "send", "send_hex", "delta", "role", "finish", "usage", "event", "done"})
-CONTROL_STEPS = frozenset({"sleep", "wait", "hang", "hang_before_headers", "cut", "close"})
+STREAM_STEPS = frozenset({"headers", "send", "send_hex", "flood", "delta", "role", "finish", "usage", "event", "done"})
+CONTROL_STEPS = frozenset({"sleep", "wait", "hang", "hang_before_headers", "cut", "close", "informational"})
 STEP_KINDS = STREAM_STEPS | CONTROL_STEPS | {"body"}
 
 
@@ -89,6 +94,8 @@ def validate(script: Any) -> Script:
     for step in steps:
         if "send_hex" in step:
             bytes.fromhex(step["send_hex"])  # ValueError is reported like a ScriptError
+        if "informational" in step and step["informational"] not in range(100, 200):
+            raise ScriptError("informational takes a 1xx status")
     if "body" in kinds and kinds & STREAM_STEPS:
         raise ScriptError("a body script cannot also stream")
     if framing == "raw" and kinds & {"headers", "body"}:

@@ -16,17 +16,17 @@ import orjson
 
 from chatgate.api.asgi import Receive, Scope, Send
 from chatgate.api.openapi import error_response
-from chatgate.api.relay import admit_chat, run_chat, with_usage
+from chatgate.api.relay import admit_chat, incomplete, require_event_stream, run_chat, with_usage
 from chatgate.errors import BadRequest, ChatgateError, UpstreamProtocolError, UpstreamStatus
 from chatgate.registry import parse_id
 from chatgate.runtime import Runtime
 from chatgate.trace import ChatTrace
 from chatgate.upstream.http11 import Response
-from chatgate.upstream.sse import DONE, SSEDecoder, data_array
+from chatgate.upstream.sse import DONE, SSEDecoder, data_array, ends_finished
 
 log = logging.getLogger("chatgate.chat")
 
-TEXT_HEADERS = [(b"content-type", b"text/plain; charset=utf-8")]
+_TEXT_TYPE = (b"content-type", b"text/plain; charset=utf-8")
 # JavaScript's String.prototype.trimStart set: WhiteSpace and LineTerminator, BOM included.
 _JS_WHITESPACE = "\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"  # noqa: E501
 
@@ -68,11 +68,19 @@ class CustomChat:
         # model first, as openai-node built it; dicts keep insertion order.
         payload = {"model": payload.pop("model"), **payload}
 
+        headers = (_TEXT_TYPE, (b"x-request-id", trace.request_id.encode()))
+        max_event_bytes = runtime.settings.max_event_bytes
+
         async def relay(response: Response) -> None:
-            decoder = SSEDecoder()
+            require_event_stream(response)
+            decoder = SSEDecoder(max_event_bytes)
             at_start = True
             ended = False
+            finished = False
+            # The last two reads: where a stream without [DONE] shows that it finished.
+            previous = last = b""
             while (chunk := await response.next_chunk()) is not None:
+                previous, last = last, chunk
                 texts, finished = _read_texts(chunk, decoder, trace)
                 if texts:
                     text = "".join(texts)
@@ -83,17 +91,33 @@ class CustomChat:
                         data = text.encode()
                         if not trace.started:
                             trace.first_byte()
-                            await send({"type": "http.response.start", "status": 200, "headers": TEXT_HEADERS})
+                            await send({"type": "http.response.start", "status": 200, "headers": headers})
                         # With [DONE] in the same read, the last text ends the body: one write fewer.
                         await send({"type": "http.response.body", "body": data, "more_body": not finished})
                         trace.bytes_out += len(data)
                         ended = finished
                 if finished:
                     break
+            if not finished:
+                # No [DONE]: an event left without its blank line may end the answer; otherwise it is
+                # complete only if its last choice carried a finish_reason (else a cut: aborted).
+                left = [event.data for event in decoder.flush()]
+                if not (DONE in left or ends_finished(previous + last)):
+                    raise incomplete(saw_events=trace.started or b"data:" in previous + last)
+                tail = "".join(_texts(left, trace)[0])
+                if at_start:
+                    tail = tail.lstrip(_JS_WHITESPACE)
+                if tail:
+                    data = tail.encode()
+                    if not trace.started:
+                        trace.first_byte()
+                        await send({"type": "http.response.start", "status": 200, "headers": headers})
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    trace.bytes_out += len(data)
             if not ended:
                 if not trace.started:
                     trace.first_byte()
-                    await send({"type": "http.response.start", "status": 200, "headers": TEXT_HEADERS})
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
                 await send({"type": "http.response.body", "body": b""})
             trace.status = 200
 

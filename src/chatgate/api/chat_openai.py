@@ -18,13 +18,22 @@ from typing import Any
 import orjson
 
 from chatgate.api.asgi import Receive, Scope, Send
-from chatgate.api.relay import admit_chat, run_chat, with_usage
+from chatgate.api.relay import admit_chat, incomplete, require_event_stream, run_chat, with_usage
 from chatgate.errors import BadRequest, ChatgateError, UpstreamStatus
 from chatgate.registry import ModelRecord
 from chatgate.runtime import Runtime
+from chatgate.security.crypto import mask
 from chatgate.trace import ChatTrace
 from chatgate.upstream.http11 import Response
-from chatgate.upstream.sse import DONE, EventFramer, decode_event, split_events
+from chatgate.upstream.sse import (
+    DEFAULT_MAX_EVENT_BYTES,
+    DONE,
+    EventFramer,
+    decode_event,
+    ends_finished,
+    event_too_large,
+    split_events,
+)
 
 log = logging.getLogger("chatgate.chat")
 
@@ -151,7 +160,14 @@ class OpenAIChat:
             return
         options = body.get("stream_options")
         asked = isinstance(options, dict) and options.get("include_usage") is True
-        relay = _StreamRelay(send, trace, headers, strip_usage=not asked)
+        relay = _StreamRelay(
+            send,
+            trace,
+            headers,
+            strip_usage=not asked,
+            api_key=record.api_key,
+            max_event_bytes=runtime.settings.max_event_bytes,
+        )
         if asked or not runtime.registry.accepts_stream_options(record.id):
             await run_chat(runtime, scope, receive, trace, record, payload, relay, on_failure=relay.fail)
         else:
@@ -203,40 +219,75 @@ class _JSONRelay:
 
 
 class _StreamRelay:
-    """A streamed answer: the upstream's events as they arrive, ending with `data: [DONE]`."""
+    """A streamed answer: the upstream's events as they arrive, ending with `data: [DONE]`; a
+    stream that ends without [DONE] and without a finish_reason is a cut, ended with an error event."""
 
-    __slots__ = ("_headers", "_send", "_strip_usage", "_trace")
+    __slots__ = ("_errored", "_headers", "_key", "_masked", "_max_event_bytes", "_send", "_strip_usage", "_trace")
 
-    def __init__(self, send: Send, trace: ChatTrace, headers: list[tuple[bytes, bytes]], *, strip_usage: bool) -> None:
+    def __init__(
+        self,
+        send: Send,
+        trace: ChatTrace,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        strip_usage: bool,
+        api_key: str = "",
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    ) -> None:
         self._send = send
         self._trace = trace
         self._headers = headers
         self._strip_usage = strip_usage
+        # The model's key as it would appear inside a JSON string, and what replaces it in an
+        # event that echoes it (an in-band error quoting the request's Authorization).
+        self._key = orjson.dumps(api_key)[1:-1] if api_key else b""
+        self._masked = orjson.dumps(mask(api_key))[1:-1] if api_key else b""
+        self._max_event_bytes = max_event_bytes
+        self._errored = False
 
     async def __call__(self, response: Response) -> None:
+        require_event_stream(response)
         send, trace = self._send, self._trace
-        framer = EventFramer()
+        framer = EventFramer(self._max_event_bytes)
         done = False
-        last = b""
+        # The last two reads sent: where a stream without [DONE] shows that it finished.
+        previous = last = b""
+        # What came before the first `data:` (comments, or lines that are not SSE at all): sent
+        # with the first event, so that an answer without events is a 502, not an empty 200.
+        early: list[bytes] = []
+        early_size = 0
         while (chunk := await response.next_chunk()) is not None:
             data = framer.feed(chunk)
             if data and _worth_a_look(data):
                 data, done = self._look_into(data)
             if data:
                 if not trace.started:
+                    if b"data:" not in data:
+                        early.append(data)
+                        early_size += len(data)
+                        if early_size > self._max_event_bytes:
+                            raise event_too_large(self._max_event_bytes)
+                        continue
+                    if early:
+                        data = b"".join([*early, data])
                     await self._start()
                 await send({"type": "http.response.body", "body": data, "more_body": True})
                 trace.bytes_out += len(data)
-                last = data
+                previous, last = last, data
             if done:
                 break
         tail = b""
         if not done:
-            # A clean end without [DONE] (some servers), perhaps with an unterminated last event.
+            # A clean end without [DONE] (some servers), perhaps with an unterminated last event:
+            # complete only if its last choice carried a finish_reason, else a cut (an error event
+            # follows). After an in-band error event the stream has ended: no [DONE], no second error.
             held = framer.flush()
             if held:
                 held, done = self._look_into(held + b"\n\n")
-            if not done and not _has_done(last):
+            ended = done or self._errored or _has_done(last)
+            if not (ended or ends_finished(previous + last + held)):
+                raise incomplete(saw_events=trace.started or b"data:" in held)
+            if not ended:
                 held += DONE_EVENT
             tail = held
         if not trace.started:
@@ -251,15 +302,19 @@ class _StreamRelay:
 
     def _look_into(self, data: bytes) -> tuple[bytes, bool]:
         """Count tokens and note errors in these whole events; drop the usage chunk from a client
-        that did not ask for it, and anything after [DONE]. Returns the bytes to send and whether
-        [DONE] was among them."""
+        that did not ask for it, and anything after [DONE]; mask the model's key in an event that
+        echoes it. Returns the bytes to send and whether [DONE] was among them."""
         skip = _first_event_to_read(data)
         kept: list[bytes] = [data[:skip]] if skip else []
-        dropped = False
+        changed = False
+        key = self._key
         for raw in split_events(data[skip:] if skip else data):
             if not _worth_a_look(raw):
                 kept.append(raw)
                 continue
+            if key and key in raw:
+                raw = raw.replace(key, self._masked)
+                changed = True
             keep = True
             for event in decode_event(raw):
                 if event.data == DONE:
@@ -269,8 +324,8 @@ class _StreamRelay:
             if keep:
                 kept.append(raw)
             else:
-                dropped = True
-        return (b"".join(kept) if dropped else data), False
+                changed = True
+        return (b"".join(kept) if changed else data), False
 
     def _note(self, data: bytes) -> bool:
         """Take what chatgate needs from one event's data; False if the event is not to be sent."""
@@ -284,6 +339,7 @@ class _StreamRelay:
         error = chunk.get("error")
         if error is not None:
             message = error.get("message") if isinstance(error, dict) else error
+            self._errored = True
             trace.status = 502
             trace.error = message if isinstance(message, str) else orjson.dumps(error).decode()
             log.warning("request %s: the model server sent an error event: %s", trace.request_id, trace.error)

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from chatgate.api.asgi import DisconnectWatch, Receive, Scope, parse_json, read_body
-from chatgate.errors import ChatgateError, UpstreamStatus
+from chatgate.errors import ChatgateError, UpstreamIncomplete, UpstreamProtocolError, UpstreamStatus
 from chatgate.registry import ModelRecord
 from chatgate.runtime import Runtime
 from chatgate.security.crypto import mask
@@ -102,6 +102,9 @@ async def run_chat(
     except ChatgateError as exc:
         scrub_key(exc, record.api_key)
         if not trace.started:
+            if isinstance(exc, UpstreamProtocolError | UpstreamIncomplete):
+                # An answer chatgate cannot relay: the caller gets a 502, the operator the reason.
+                log.warning("request %s: model %s: %s", trace.request_id, record.id, exc.message)
             raise
         trace.error = exc.message
         trace.status = exc.status
@@ -112,6 +115,43 @@ async def run_chat(
             await on_failure(exc)
     finally:
         watch.stop()
+
+
+# What a streamed answer may be labelled and still be read as SSE: some servers send text/plain
+# with SSE in it, some no Content-Type at all. Anything else (a JSON body, an HTML page) is not an
+# event stream, and reading it as one gave an empty 200.
+_READABLE_AS_SSE = (b"text/event-stream", b"text/plain")
+
+
+def require_event_stream(response: Response) -> None:
+    """Refuse, before the first byte, a streamed answer chatgate cannot read as SSE: one with a
+    content coding (chatgate asks for identity and decodes none) or a type that is not SSE."""
+    encoding = response.header(b"content-encoding")
+    if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
+        raise UpstreamProtocolError(
+            f"The model server answered with Content-Encoding {_shown(encoding)}, which chatgate does not decode"
+        )
+    content_type = response.header(b"content-type")
+    if content_type is None:
+        return
+    media_type = content_type.partition(b";")[0].strip().lower()
+    if media_type not in _READABLE_AS_SSE:
+        raise UpstreamProtocolError(f"The model server answered {_shown(media_type)}, not an event stream")
+
+
+def incomplete(*, saw_events: bool) -> UpstreamIncomplete:
+    """The error for a stream that ended without [DONE] and without a finish_reason."""
+    if not saw_events:
+        return UpstreamIncomplete(
+            "The model server's answer ended without any event (it is not an event stream, or was cut)"
+        )
+    return UpstreamIncomplete("The model server ended the stream before it was complete (no finish_reason, no [DONE])")
+
+
+def _shown(value: bytes) -> str:
+    # An upstream's header in our message and log: printable, and short.
+    text = value.decode("latin-1")[:80]
+    return "".join(c if c.isprintable() else "?" for c in text) or "(empty)"
 
 
 def scrub_key(exc: ChatgateError, api_key: str) -> None:

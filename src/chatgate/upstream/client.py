@@ -9,6 +9,7 @@ resolves each host, so that connections go only to addresses that were checked.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -164,12 +165,30 @@ class UpstreamClient:
         try:
             if response.status >= 400:
                 error_body = await _error_body(response)
-                raise UpstreamStatus(response.status, error_message(error_body) or "", body=error_body)
+                raise UpstreamStatus(
+                    response.status, error_message(error_body) or "", body=error_body, headers=retry_headers(response)
+                )
             raise UpstreamProtocolError(
                 f"The model server answered a redirect ({response.status}); chatgate does not follow them"
             )
         finally:
             response.release()
+
+
+# When to retry, as a 429 or 503 says it: OpenAI's SDKs read `retry-after-ms` first, then
+# `retry-after` (seconds or an HTTP date). Only these shapes are passed on, and short ones.
+_RETRY_HEADERS = (b"retry-after", b"retry-after-ms")
+_RETRY_VALUE = re.compile(rb"[0-9]{1,10}(?:\.[0-9]{1,3})?|[A-Za-z]{3}, [0-9]{2} [A-Za-z]{3} [0-9]{4} [0-9:]{8} GMT")
+
+
+def retry_headers(response: Response) -> list[tuple[bytes, bytes]]:
+    """The upstream's Retry-After headers that are safe to pass on to the caller."""
+    found = []
+    for name in _RETRY_HEADERS:
+        value = response.header(name)
+        if value is not None and _RETRY_VALUE.fullmatch(value := value.strip()):
+            found.append((name, value))
+    return found
 
 
 async def _error_body(response: Response) -> bytes:
