@@ -10,6 +10,8 @@ from ipaddress import ip_address
 from typing import TypeVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chatgate.config import DEFAULT_BASE_URL, Settings
 from chatgate.errors import BadRequest
@@ -203,6 +205,49 @@ def test_literal_ip_reads_every_numeric_form(host: str, address: str | None) -> 
 def test_parse_base_url_accepts_and_agrees_with_the_relay(url: str) -> None:
     # What the relay (upstream/http11.py) connects to is what was checked: same host, same port.
     parsed = parse_base_url(url)
+    relayed = endpoint(chat_completions_url(url))
+    assert (parsed.scheme, parsed.port) == (relayed.scheme, relayed.port)
+    assert parsed.host == relayed.host.encode("idna").decode("ascii")
+
+
+# Pieces of hostile URLs: separators every parser treats differently, IPv6 brackets, an IDNA
+# name, fullwidth and ideographic dots, whitespace and control characters.
+_PIECES = st.sampled_from(
+    [
+        *("http://", "https://", "a", "b.example", "0x7f", "1", ".", ":", "80", "/", "@", "[", "]", "::1"),
+        *("\\", "%", "%2e", "?", "#", " ", "\t", "\n", "ü", "\u3002", "\uff0e", "\uff10", "[::ffff:127.0.0.1]", "v1"),
+    ]
+)
+# Plausible base URLs (most of them valid), so that accepted ones are tested too.
+_PLAUSIBLE = st.tuples(
+    st.sampled_from(["http://", "https://", "HTTP://"]),
+    st.sampled_from(["b.example", "Bücher.example", "b.example.", "[::1]", "[2001:DB8::1]", "127.0.0.1", "a_b.lan"]),
+    st.sampled_from(["", ":80", ":8080", ":65535", ":0", ":\u0668\u0660", ":"]),
+    st.sampled_from(["", "/", "/v1", "/v1/", "/a%2Fb", "/v\u00e9", "/v 1"]),
+).map("".join)
+
+
+def _with_a_piece(draw: st.DrawFn) -> str:
+    url = draw(_PLAUSIBLE)
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(url)))
+        url = url[:at] + draw(_PIECES) + url[at:]
+    return url
+
+
+_URLS = st.one_of(st.lists(_PIECES, min_size=1, max_size=12).map("".join), st.composite(_with_a_piece)())
+
+
+@settings(max_examples=400, deadline=None)
+@given(_URLS)
+def test_an_accepted_url_means_the_same_host_to_the_relay(url: str) -> None:
+    """Whatever parse_base_url accepts, the relay's own parser reads alike (same scheme, host and
+    port); anything else is refused with a BadRequest, never another exception."""
+    try:
+        parsed = parse_base_url(url)
+    except BadRequest as exc:
+        assert exc.param == "base_url"
+        return
     relayed = endpoint(chat_completions_url(url))
     assert (parsed.scheme, parsed.port) == (relayed.scheme, relayed.port)
     assert parsed.host == relayed.host.encode("idna").decode("ascii")

@@ -239,7 +239,7 @@ def parse_base_url(url: str) -> BaseURL:
         raise BadRequest("base_url must start with http:// or https://", param="base_url")
     if "@" in parts.netloc:
         raise BadRequest("base_url must not contain credentials; put the key in api_key", param="base_url")
-    if parts.query or parts.fragment or "?" in url or "#" in url:
+    if "?" in url or "#" in url:  # even empty ones
         # The relay appends /chat/completions to the base URL, which would land in either.
         raise BadRequest("base_url must not have a query or a fragment", param="base_url")
     if not parts.path.isascii():
