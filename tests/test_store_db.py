@@ -98,15 +98,17 @@ def test_a_hung_server_costs_one_timeout_per_block(backend: str, private_pg: ser
     """Checkout (the pooled connection's ping, then a fresh connect), statements and commit share
     one deadline: a block on a frozen server fails within one timeout, never one per step."""
 
-    async def block(engine: sa.ext.asyncio.AsyncEngine, how: str, freeze_after: bool = False) -> float:
+    async def block(engine: sa.ext.asyncio.AsyncEngine, how: str, freeze: str = "") -> float:
+        """One block; `freeze` "midway" or "at the end" freezes the server after a first statement."""
         started = time.monotonic()
         with pytest.raises(ServiceUnavailable):
             async with engine.begin() if how == "begin" else engine.connect() as conn:
                 await conn.execute(sa.text("SELECT 1"))
-                if freeze_after:
-                    await asyncio.sleep(TIMEOUT / 2)
+                if freeze:
+                    await asyncio.sleep(TIMEOUT * 0.6)
                     private_pg.freeze()
-                await conn.execute(sa.text("SELECT 2"))
+                if freeze != "at the end":  # else only the rollback or commit meets the frozen server
+                    await conn.execute(sa.text("SELECT 2"))
         return time.monotonic() - started
 
     async def go() -> tuple[list[float], list[float]]:
@@ -120,9 +122,9 @@ def test_a_hung_server_costs_one_timeout_per_block(backend: str, private_pg: ser
             finally:
                 private_pg.thaw()
             midway = []
-            for how in ("connect", "begin"):
+            for how, freeze in [(h, f) for h in ("connect", "begin") for f in ("midway", "at the end")]:
                 try:
-                    midway.append(await block(engine, how, freeze_after=True))
+                    midway.append(await block(engine, how, freeze))
                 finally:
                     private_pg.thaw()
             async with engine.connect() as conn:  # and the pool goes on

@@ -98,13 +98,22 @@ class GuardedConnection(AsyncConnection):
     async def __aexit__(
         self, type_: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        if self._deadline is not None and self._deadline.expired():
-            self._drop()
+        drop: asyncio.TimerHandle | None = None
+        if self._deadline is not None:
+            if self._deadline.expired():
+                self._drop()
+            elif (when := self._deadline.when()) is not None:
+                # Closing talks to the server too (a rollback), and SQLAlchemy runs it to the end
+                # even when cancelled: past the deadline, its socket is closed under it.
+                drop = asyncio.get_running_loop().call_at(when, self._drop)
         cleanup: BaseException | None = None
         try:
             await super().__aexit__(type_, value, traceback)
         except BaseException as exc:  # noqa: BLE001 - raised below, once the deadline is left
             cleanup = exc
+        finally:
+            if drop is not None:
+                drop.cancel()
         # The block's failure is the one to report: closing after it may have failed too.
         failure = await self._leave_deadline(value or cleanup) or value or cleanup
         if failure is None:
@@ -131,10 +140,9 @@ class GuardedConnection(AsyncConnection):
         """Close the driver's socket at once, so that the pool's cleanup (SQLAlchemy's graceful
         close, a rollback) does not wait on a server that does not answer."""
         connection = self.sync_connection
-        if connection is None or connection.invalidated:
+        if connection is None or connection.closed or connection.invalidated:
             return
-        driver = connection.connection.driver_connection
-        terminate = getattr(driver, "terminate", None)
+        terminate = getattr(connection.connection.driver_connection, "terminate", None)
         if terminate is not None:
             terminate()
 
