@@ -9,12 +9,11 @@ from contextlib import asynccontextmanager
 from ipaddress import ip_address
 from typing import TypeVar
 
-import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from chatgate.config import DEFAULT_BASE_URL
+from chatgate.config import DEFAULT_BASE_URL, Settings
 from chatgate.errors import BadRequest
 from chatgate.security.ssrf import (
     BlockedAddress,
@@ -26,7 +25,10 @@ from chatgate.security.ssrf import (
     effective_base_url,
     literal_ip,
     parse_base_url,
+    system_lookup,
 )
+from chatgate.upstream.client import Target, UpstreamClient, chat_completions_url
+from chatgate.upstream.http11 import endpoint
 
 T = TypeVar("T")
 DEFAULT = UpstreamPolicy()
@@ -193,10 +195,75 @@ def test_literal_ip_reads_every_numeric_form(host: str, address: str | None) -> 
         "http://[::1]:8000",
         "https://xn--bcher-kva.example/v1",
         "https://bücher.example/v1",
+        "HTTP://Models.Example:8080/V1",
+        "  http://models.example/v1  ",
+        "http://[2001:db8::1]/v1",
+        "http://models.example./v1",
+        "http://models.example:65535",
     ],
 )
-def test_parse_base_url_accepts(url: str) -> None:
-    assert parse_base_url(url).host
+def test_parse_base_url_accepts_and_agrees_with_the_relay(url: str) -> None:
+    # What the relay (upstream/http11.py) connects to is what was checked: same host, same port.
+    parsed = parse_base_url(url)
+    relayed = endpoint(chat_completions_url(url))
+    assert (parsed.scheme, parsed.port) == (relayed.scheme, relayed.port)
+    assert parsed.host == relayed.host.encode("idna").decode("ascii")
+
+
+# Pieces of hostile URLs: separators every parser treats differently, IPv6 brackets, an IDNA
+# name, fullwidth and ideographic dots, whitespace and control characters.
+_PIECES = st.sampled_from(
+    [
+        *("http://", "https://", "a", "b.example", "0x7f", "1", ".", ":", "80", "/", "@", "[", "]", "::1"),
+        *("\\", "%", "%2e", "?", "#", " ", "\t", "\n", "ü", "\u3002", "\uff0e", "\uff10", "[::ffff:127.0.0.1]", "v1"),
+    ]
+)
+# Plausible base URLs (most of them valid), so that accepted ones are tested too.
+_PLAUSIBLE = st.tuples(
+    st.sampled_from(["http://", "https://", "HTTP://"]),
+    st.sampled_from(["b.example", "Bücher.example", "b.example.", "[::1]", "[2001:DB8::1]", "127.0.0.1", "a_b.lan"]),
+    st.sampled_from(["", ":80", ":8080", ":65535", ":0", ":\u0668\u0660", ":"]),
+    st.sampled_from(["", "/", "/v1", "/v1/", "/a%2Fb", "/v\u00e9", "/v 1"]),
+).map("".join)
+
+
+def _with_a_piece(draw: st.DrawFn) -> str:
+    url = draw(_PLAUSIBLE)
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(url)))
+        url = url[:at] + draw(_PIECES) + url[at:]
+    return url
+
+
+_URLS = st.one_of(st.lists(_PIECES, min_size=1, max_size=12).map("".join), st.composite(_with_a_piece)())
+
+
+@settings(max_examples=400, deadline=None)
+@given(_URLS)
+def test_an_accepted_url_means_the_same_host_to_the_relay(url: str) -> None:
+    """Whatever parse_base_url accepts, the relay's own parser reads alike (same scheme, host and
+    port); anything else is refused with a BadRequest, never another exception."""
+    try:
+        parsed = parse_base_url(url)
+    except BadRequest as exc:
+        assert exc.param == "base_url"
+        return
+    relayed = endpoint(chat_completions_url(url))
+    assert (parsed.scheme, parsed.port) == (relayed.scheme, relayed.port)
+    assert parsed.host == relayed.host.encode("idna").decode("ascii")
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port"),
+    [
+        ("https://bücher.example/v1", "xn--bcher-kva.example", 443),
+        ("HTTP://Models.Example:8080/V1", "models.example", 8080),
+        ("http://[2001:DB8::1]:81/", "2001:db8::1", 81),
+    ],
+)
+def test_parse_base_url_host_is_the_ascii_form(url: str, host: str, port: int) -> None:
+    parsed = parse_base_url(url)
+    assert (parsed.host, parsed.port) == (host, port)
 
 
 @pytest.mark.parametrize(
@@ -209,9 +276,38 @@ def test_parse_base_url_accepts(url: str) -> None:
         ("http:///v1", "no host"),
         ("http://user:pw@example.com/", "credentials"),
         ("http://user@example.com/", "credentials"),
-        ("http://ex ample.com/", "invalid host"),
         ("http://%31%32%37.0.0.1/", "invalid host"),
         ("http://[fe80::1%25eth0]/", "invalid host"),
+        # Where URL parsers disagree (urlsplit here and in the relay, WHATWG in browsers and
+        # chatbot-ui, yarl, curl): refused, so no reader of the stored URL connects elsewhere.
+        ("http://a@b@c.example/", "credentials"),  # urlsplit: host c.example, user "a@b"
+        ("http://@models.example/", "credentials"),  # empty userinfo
+        ("http://good.example:80@evil.example/", "credentials"),
+        ("http://evil.example\\@good.example/", "backslashes"),  # WHATWG: evil.example
+        ("http://good.example\\.evil.example/", "backslashes"),
+        ("http:\\\\evil.example/", "backslashes"),
+        ("http://ex ample.com/", "spaces"),
+        ("http://exa\tmple.com/", "spaces"),  # urlsplit silently drops tabs and newlines
+        ("http://example.com/v1\r\nX-Injected: 1", "spaces"),
+        ("http://example.com/v 1", "spaces"),  # would break the request line
+        ("http://\x00example.com/", "control"),
+        ("http://[::1", "not a valid URL"),
+        ("http://[::1]x/", "invalid port"),  # urlsplit ignores what follows "]"
+        ("http://[127.0.0.1]/", "not a valid URL"),
+        ("http://[::1]]/", "invalid port"),
+        ("http://example.com:80:90/", "invalid port"),
+        ("http://example.com:/", "invalid port"),
+        ("http://example.com:+80/", "invalid port"),
+        ("http://example.com:٨٠/", "invalid port"),  # Arabic-Indic digits, which int() reads
+        ("http://example.com:0/", "invalid port"),
+        ("http://example.com:65536/", "invalid port"),
+        ("http://127\u30020\u30020\u30021/", "invalid host"),  # the IDNA codec reads 127.0.0.1
+        ("http://good.example#@evil.example/", "fragment"),
+        ("http://good.example?@evil.example/", "query"),
+        ("http://good.example/v1?api-version=1", "query"),
+        ("http://models.example/vé", "ASCII"),
+        ("http:/models.example/v1", "http://"),
+        ("http:models.example", "http://"),
     ],
 )
 def test_parse_base_url_refuses(url: str, complaint: str) -> None:
@@ -266,7 +362,9 @@ def test_check_url_allows_an_allow_listed_name() -> None:
 
 
 def test_check_url_empty_means_openai_and_does_not_resolve() -> None:
-    run(check_url("", DEFAULT, resolver=FakeResolver({})))
+    dns = FakeDNS({})
+    run(check_url("", DEFAULT, lookup=dns))
+    assert dns.lookups == []
 
 
 def test_check_url_unresolvable_host() -> None:
@@ -275,39 +373,23 @@ def test_check_url_unresolvable_host() -> None:
     assert info.value.param == "base_url"
 
 
-class FakeResolver(AbstractResolver):
-    """Answers from a table; each name maps to a list of answers, one per successive lookup."""
+class FakeDNS:
+    """A lookup answering from a table; each name maps to a list of answers, one per successive lookup."""
 
     def __init__(self, answers: dict[str, list[list[str]]]) -> None:
         self.answers = answers
         self.lookups: list[str] = []
 
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
+    async def __call__(self, host: str, port: int) -> list[str]:
         self.lookups.append(host)
         queue = self.answers.get(host)
         if not queue:
             raise OSError(socket.EAI_NONAME, "Name or service not known")
-        addresses = queue.pop(0) if len(queue) > 1 else queue[0]
-        return [
-            ResolveResult(
-                hostname=host,
-                host=a,
-                port=port,
-                family=socket.AF_INET6 if ":" in a else socket.AF_INET,
-                proto=0,
-                flags=0,
-            )
-            for a in addresses
-        ]
-
-    async def close(self) -> None:
-        pass
+        return queue.pop(0) if len(queue) > 1 else queue[0]
 
 
 def test_check_url_refuses_when_any_address_is_refused() -> None:
-    resolver = FakeResolver({"mixed.example": [["93.184.216.34", "10.0.0.1"]], "ok.example": [["93.184.216.34"]]})
+    resolver = FakeDNS({"mixed.example": [["93.184.216.34", "10.0.0.1"]], "ok.example": [["93.184.216.34"]]})
     with pytest.raises(BadRequest, match="resolves to a private address"):
         run(check_url("https://mixed.example/v1", DEFAULT, resolver))
     run(check_url("https://ok.example/v1", DEFAULT, resolver))
@@ -315,12 +397,11 @@ def test_check_url_refuses_when_any_address_is_refused() -> None:
 
 def test_guarded_resolver_checks_every_lookup_against_rebinding() -> None:
     # First answer public, then the attacker's DNS flips to the metadata address.
-    inner = FakeResolver({"rebind.example": [["93.184.216.34"], ["169.254.169.254"]]})
+    inner = FakeDNS({"rebind.example": [["93.184.216.34"], ["169.254.169.254"]]})
     guard = GuardedResolver(DEFAULT, inner)
-    first = run(guard.resolve("rebind.example", 443, socket.AF_UNSPEC))
-    assert [r["host"] for r in first] == ["93.184.216.34"]
+    assert run(guard.resolve("rebind.example", 443)) == ["93.184.216.34"]
     with pytest.raises(BlockedAddress) as info:
-        run(guard.resolve("rebind.example", 443, socket.AF_UNSPEC))
+        run(guard.resolve("rebind.example", 443))
     assert isinstance(info.value, OSError)
     assert "rebind.example" in info.value.message
     assert "169.254" not in info.value.message
@@ -336,45 +417,66 @@ def test_check_literal_host() -> None:
     check_literal_host("localhost", DEFAULT)  # names are the resolver's job
 
 
+def test_system_lookup_answers_plain_address_strings() -> None:
+    assert run(system_lookup("127.0.0.1", 80)) == ["127.0.0.1"]
+    assert "127.0.0.1" in run(system_lookup("localhost", 0))
+    with pytest.raises(OSError):
+        run(system_lookup("no-such-host.invalid", 80))
+
+
+def test_guarded_resolver_judges_a_unicode_host_by_its_idna_form() -> None:
+    # The relay's URL parser hands over the host as written; the allow-list names the IDNA form.
+    dns = FakeDNS({"xn--bcher-kva.lan": [["192.168.1.5"]]})
+    guard = GuardedResolver(UpstreamPolicy(allow=("xn--bcher-kva.lan",)), dns)
+    assert run(guard.resolve("bücher.lan", 80)) == ["192.168.1.5"]
+    assert dns.lookups == ["xn--bcher-kva.lan"]
+
+
 @asynccontextmanager
 async def serve(hits: list[str]) -> AsyncIterator[int]:
-    async def hello(request: web.Request) -> web.Response:
-        hits.append(request.path)
-        return web.Response(text="hello")
+    """A model server on 127.0.0.1 that answers every request "hello" and records its path."""
 
-    app = web.Application()
-    app.router.add_get("/v1/models", hello)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        hits.append(head.split(b" ")[1].decode())
+        length = next(
+            (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
+        )
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
     try:
-        yield sockets[0].getsockname()[1]
+        yield server.sockets[0].getsockname()[1]
     finally:
-        await runner.cleanup()
-
-
-async def fetch(url: str, policy: UpstreamPolicy) -> str:
-    connector = aiohttp.TCPConnector(resolver=GuardedResolver(policy), family=socket.AF_INET, use_dns_cache=False)
-    async with aiohttp.ClientSession(connector=connector) as session, session.get(url) as response:
-        return await response.text()
+        server.close()
+        await server.wait_closed()
 
 
 async def guarded_request(host: str, policy: UpstreamPolicy) -> tuple[str | None, list[str]]:
-    """GET through a guarded connector from a real server on 127.0.0.1: (body or None, paths served)."""
+    """POST through the relay's client, guarded by `policy`, to a real server on 127.0.0.1:
+    (body, or None when refused, and the paths served)."""
     hits: list[str] = []
     async with serve(hits) as port:
+        client = UpstreamClient(Settings(connect_timeout=2, first_byte_timeout=2), GuardedResolver(policy))
+        await client.start()
         try:
-            return await fetch(f"http://{host}:{port}/v1/models", policy), hits
-        except aiohttp.ClientConnectorError as exc:
-            # What the relay sees: aiohttp wraps our OSError, keeping it as os_error.
-            assert isinstance(exc.os_error, BlockedAddress)
-            assert "does not connect" in exc.os_error.message
+            response = await client.open(Target(f"http://{host}:{port}/v1/chat/completions", ""), b"{}")
+            try:
+                return (await response.read()).decode(), hits
+            finally:
+                response.release()
+        except BadRequest as exc:  # what the relay answers for a BlockedAddress
+            assert exc.param == "base_url"
+            assert "does not connect" in exc.message
             return None, hits
+        finally:
+            await client.close()
 
 
-@pytest.mark.parametrize("host", ["localhost", "0x7f.1"])
+@pytest.mark.parametrize("host", ["localhost", "0x7f.1", "127.0.0.1", "[::ffff:127.0.0.1]"])
 def test_real_connection_to_loopback_is_refused_by_default(host: str) -> None:
     body, hits = asyncio.run(guarded_request(host, DEFAULT))
     assert body is None
@@ -384,7 +486,7 @@ def test_real_connection_to_loopback_is_refused_by_default(host: str) -> None:
 def test_real_connection_to_loopback_with_allow_private() -> None:
     body, hits = asyncio.run(guarded_request("localhost", PRIVATE_OK))
     assert body == "hello"
-    assert hits == ["/v1/models"]
+    assert hits == ["/v1/chat/completions"]
 
 
 def test_real_connection_with_allow_listed_name() -> None:
@@ -392,11 +494,3 @@ def test_real_connection_with_allow_listed_name() -> None:
     assert body == "hello"
     body, _ = asyncio.run(guarded_request("localhost", UpstreamPolicy(allow=("10.0.0.0/8",))))
     assert body is None
-
-
-def test_ip_literals_bypass_any_resolver_so_the_relay_checks_them_itself() -> None:
-    # Why check_literal_host exists: aiohttp connects to IP literals without asking the resolver.
-    body, _ = asyncio.run(guarded_request("127.0.0.1", DEFAULT))
-    assert body == "hello"
-    with pytest.raises(BadRequest):
-        check_literal_host("127.0.0.1", DEFAULT)

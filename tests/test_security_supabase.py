@@ -13,15 +13,14 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import aiohttp
 import jwt
 import pytest
-from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from chatgate.errors import ServiceUnavailable, Unauthorized
+from chatgate.security import supabase
 from chatgate.security.supabase import SupabaseVerifier, token_from_cookies
 
 T = TypeVar("T")
@@ -142,23 +141,37 @@ class Clock:
         return self.now
 
 
-@asynccontextmanager
-async def jwks_server(document: dict[str, Any], fetches: list[float]) -> AsyncIterator[str]:
-    async def jwks(request: web.Request) -> web.Response:
-        fetches.append(time.monotonic())
-        return web.json_response(document)
+JWKS_PATH = "/auth/v1/.well-known/jwks.json"
+Answer = tuple[int, dict[str, str], bytes]
 
-    app = web.Application()
-    app.router.add_get("/auth/v1/.well-known/jwks.json", jwks)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+@asynccontextmanager
+async def jwks_server(
+    document: dict[str, Any], fetches: list[float], other: dict[str, Answer] | None = None
+) -> AsyncIterator[str]:
+    """A Supabase auth server on 127.0.0.1 serving `document` at the JWKS path (each fetch
+    recorded) and the `other` paths' fixed answers; yields the JWKS URL."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        path = head.split(b" ")[1].decode()
+        if path == JWKS_PATH:
+            fetches.append(time.monotonic())
+            status, headers, body = 200, {"Content-Type": "application/json"}, json.dumps(document).encode()
+        else:
+            status, headers, body = (other or {}).get(path, (404, {}, b"not found"))
+        lines = [f"HTTP/1.1 {status} X", f"Content-Length: {len(body)}", "Connection: close"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
     try:
-        yield f"http://127.0.0.1:{port}/auth/v1/.well-known/jwks.json"
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}{JWKS_PATH}"
     finally:
-        await runner.cleanup()
+        server.close()
+        await server.wait_closed()
 
 
 def test_jwks_verification_caching_and_kid_rotation() -> None:
@@ -173,8 +186,8 @@ def test_jwks_verification_caching_and_kid_rotation() -> None:
             ]
         }
         clock = Clock()
-        async with jwks_server(document, fetches) as url, aiohttp.ClientSession() as session:
-            verifier = SupabaseVerifier(jwks_url=url, session=session, clock=clock)
+        async with jwks_server(document, fetches) as url:
+            verifier = SupabaseVerifier(jwks_url=url, clock=clock)
 
             assert await verifier.verify(signed(EC_KEY, "ec-1", "ES256")) == USER
             assert await verifier.verify(signed(RSA_KEY, "rsa-1", "RS256")) == USER
@@ -209,8 +222,6 @@ def test_jwks_verification_caching_and_kid_rotation() -> None:
                 await verifier.verify(signed(EC_KEY, "ec-1", "ES256", exp=int(time.time()) - 120))
             with pytest.raises(Unauthorized, match="token signing key unknown"):
                 await verifier.verify(jwt.encode(claims(), EC_KEY, algorithm="ES256"))  # no kid
-            await verifier.aclose()
-            assert not session.closed  # not ours to close
 
             # The cache expires after jwks_max_age, so revoked keys stop working.
             document["keys"] = [jwk(EC_KEY_2, "ec-2", "ES256")]
@@ -253,6 +264,63 @@ def test_unreachable_jwks_is_a_service_error() -> None:
             await verifier.aclose()
 
     run(scenario())
+
+
+def jwks_fetch(path: str, other: dict[str, Answer]) -> tuple[str | None, list[float]]:
+    """Verify a JWKS-signed token with the JWKS URL at `path` of a server that also answers
+    `other`: (the subject, or None when the keys could not be fetched; the JWKS fetches)."""
+
+    async def scenario() -> tuple[str | None, list[float]]:
+        fetches: list[float] = []
+        document = {"keys": [jwk(EC_KEY, "ec-1", "ES256")]}
+        async with jwks_server(document, fetches, other) as url:
+            verifier = SupabaseVerifier(jwks_url=url.replace(JWKS_PATH, path))
+            try:
+                return await verifier.verify(signed(EC_KEY, "ec-1", "ES256")), fetches
+            except ServiceUnavailable:
+                return None, fetches
+
+    return run(scenario())
+
+
+def test_jwks_redirects_are_followed_only_to_http() -> None:
+    moved: Answer = (302, {"Location": JWKS_PATH}, b"")
+    subject, fetches = jwks_fetch("/moved", {"/moved": moved})
+    assert (subject, len(fetches)) == (USER, 1)
+    for target in ("file:///etc/passwd", "ftp://127.0.0.1/jwks.json", "data:,{}"):
+        assert jwks_fetch("/moved", {"/moved": (302, {"Location": target}, b"")}) == (None, [])
+
+
+def test_jwks_errors_and_oversized_documents_are_a_service_error() -> None:
+    huge = json.dumps({"keys": [], "pad": "x" * (2 << 20)}).encode()
+    assert jwks_fetch("/huge", {"/huge": (200, {}, huge)})[0] is None
+    assert jwks_fetch("/broken", {"/broken": (200, {}, b"{not json")})[0] is None
+    assert jwks_fetch("/down", {"/down": (500, {}, b"{}")})[0] is None
+
+
+def test_a_hung_jwks_server_is_a_service_error_within_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supabase, "_JWKS_TIMEOUT", 0.5)
+
+    async def scenario() -> float:
+        writers: list[asyncio.StreamWriter] = []
+
+        async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)  # accepts, never answers
+
+        server = await asyncio.start_server(hang, "127.0.0.1", 0)
+        verifier = SupabaseVerifier(jwks_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/jwks.json")
+        started = time.monotonic()
+        try:
+            with pytest.raises(ServiceUnavailable):
+                await verifier.verify(signed(EC_KEY, "ec-1", "ES256"))
+            return time.monotonic() - started
+        finally:
+            for writer in writers:
+                writer.close()
+            server.close()
+            await server.wait_closed()
+
+    assert run(scenario()) < 2.0
 
 
 def b64url(text: str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -73,3 +75,64 @@ def test_other_database_errors_pass_through(database_url: str) -> None:
             await engine.dispose()
 
     asyncio.run(go())
+
+
+@pytest.fixture
+def private_pg() -> Iterator[services.PrivatePostgres]:
+    """A PostgreSQL server of this test's own, which it may freeze."""
+    services.require("PostgreSQL's initdb", None if services.PrivatePostgres.binaries() else "no initdb found")
+    pg = services.PrivatePostgres(free_port())
+    try:
+        pg.init().start()
+        yield pg
+    finally:
+        pg.cleanup()
+
+
+TIMEOUT = 1.0
+MARGIN = 0.5  # scheduling on a loaded machine; a second timeout would be 1.0 more
+
+
+@pytest.mark.backends("postgresql")
+def test_a_hung_server_costs_one_timeout_per_block(backend: str, private_pg: services.PrivatePostgres) -> None:
+    """Checkout (the pooled connection's ping, then a fresh connect), statements and commit share
+    one deadline: a block on a frozen server fails within one timeout, never one per step."""
+
+    async def block(engine: sa.ext.asyncio.AsyncEngine, how: str, freeze: str = "") -> float:
+        """One block; `freeze` "midway" or "at the end" freezes the server after a first statement."""
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable):
+            async with engine.begin() if how == "begin" else engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+                if freeze:
+                    await asyncio.sleep(TIMEOUT * 0.6)
+                    private_pg.freeze()
+                if freeze != "at the end":  # else only the rollback or commit meets the frozen server
+                    await conn.execute(sa.text("SELECT 2"))
+        return time.monotonic() - started
+
+    async def go() -> tuple[list[float], list[float]]:
+        engine = db.create_engine(private_pg.url, timeout=TIMEOUT)
+        try:
+            async with engine.connect() as conn:  # a pooled connection, to be pinged next time
+                await conn.execute(sa.text("SELECT 1"))
+            private_pg.freeze()
+            try:
+                hung = [await block(engine, how) for how in ("connect", "begin", "connect")]
+            finally:
+                private_pg.thaw()
+            midway = []
+            for how, freeze in [(h, f) for h in ("connect", "begin") for f in ("midway", "at the end")]:
+                try:
+                    midway.append(await block(engine, how, freeze))
+                finally:
+                    private_pg.thaw()
+            async with engine.connect() as conn:  # and the pool goes on
+                assert (await conn.execute(sa.text("SELECT 3"))).scalar_one() == 3
+            return hung, midway
+        finally:
+            await engine.dispose()
+
+    hung, midway = asyncio.run(asyncio.wait_for(go(), 30))
+    assert max(hung) < TIMEOUT + MARGIN, hung
+    assert max(midway) < TIMEOUT + MARGIN, midway  # from the block's start, not from the freeze

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-from typing import Any
 
 import pytest
-from aiohttp.abc import AbstractResolver
 
 from chatgate.config import Settings
 from chatgate.errors import BadRequest
@@ -46,22 +43,16 @@ def test_error_message(body: bytes, message: str | None) -> None:
     assert error_message(body) == message
 
 
-class ScriptedDNS(AbstractResolver):
-    """A resolver whose answers the test sets; every question is recorded."""
+class ScriptedDNS:
+    """A lookup whose answers the test sets; every question is recorded."""
 
     def __init__(self, answers: list[str]) -> None:
         self.answers = answers
         self.asked: list[str] = []
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+    async def __call__(self, host: str, port: int) -> list[str]:
         self.asked.append(host)
-        return [
-            {"hostname": host, "host": a, "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}
-            for a in self.answers
-        ]
-
-    async def close(self) -> None:
-        pass
+        return self.answers
 
 
 async def exchange(dns: ScriptedDNS, policy: UpstreamPolicy, url: str) -> bytes:

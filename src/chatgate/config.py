@@ -47,8 +47,8 @@ class Settings(BaseSettings):
 
     # Apply pending migrations when the server starts.
     migrate_on_start: bool = True
-    # PostgreSQL: seconds each database step may take (pool wait, connect, statement) before the
-    # request is answered 503, and the connection pool size per process (as many again on bursts).
+    # PostgreSQL: seconds one database step may take (pool wait, ping, connect, statements, all
+    # together) before the request is answered 503, and the connection pool size per process (as many again on bursts).
     database_timeout: float = Field(5.0, gt=0)
     database_pool_size: int = Field(10, ge=1)
 

@@ -29,7 +29,6 @@ class ChatgateError(Exception):
 
     status: int = 500
     code: str = "internal_error"
-    type: str = "api_error"
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -40,7 +39,6 @@ class ChatgateError(Exception):
 class ClientError(ChatgateError):
     status = 400
     code = "invalid_request"
-    type = "invalid_request_error"
 
 
 class BadRequest(ClientError):
@@ -50,7 +48,6 @@ class BadRequest(ClientError):
 class Unauthorized(ClientError):
     status = 401
     code = "invalid_credentials"
-    type = "authentication_error"
 
 
 class NotFound(ClientError):
@@ -79,7 +76,6 @@ class PayloadTooLarge(ClientError):
 class RateLimited(ClientError):
     status = 429
     code = "rate_limited"
-    type = "rate_limit_error"
 
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message)
@@ -89,7 +85,6 @@ class RateLimited(ClientError):
 class UpstreamError(ChatgateError):
     status = 502
     code = "upstream_error"
-    type = "upstream_error"
 
 
 class UpstreamStatus(UpstreamError):
@@ -128,7 +123,6 @@ class UpstreamTimeout(UpstreamError):
 class ServiceUnavailable(ChatgateError):
     status = 503
     code = "service_unavailable"
-    type = "api_error"
 
 
 class ValidationFailed(ClientError):

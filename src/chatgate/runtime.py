@@ -60,7 +60,7 @@ def build_registry(
         await check_url(url, policy)
 
     def check_connect(url: str) -> None:
-        check_literal_host(parse_base_url(effective_base_url(url)).raw_host or "", policy)
+        check_literal_host(parse_base_url(effective_base_url(url)).host, policy)
 
     return Registry(
         engine,

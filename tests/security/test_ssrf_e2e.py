@@ -11,32 +11,26 @@ import asyncio
 import socket
 from collections.abc import Iterator
 
-import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
 from tests.security.helpers import chat, insert_model_row
 from tests.support import ChatgateServer, FakeUpstream, unique_name
 
+from chatgate.config import Settings
+from chatgate.errors import BadRequest
 from chatgate.security.ssrf import GuardedResolver, UpstreamPolicy
+from chatgate.upstream.client import Target, UpstreamClient
 
 
-class FlippingResolver(AbstractResolver):
+class FlippingDNS:
     """A DNS server under an attacker's control: each lookup gets the next answer."""
 
     def __init__(self, answers: list[str]) -> None:
         self.answers = answers
         self.lookups: list[str] = []
 
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
+    async def __call__(self, host: str, port: int) -> list[str]:
         self.lookups.append(host)
-        address = self.answers[min(len(self.lookups), len(self.answers)) - 1]
-        return [ResolveResult(hostname=host, host=address, port=port, family=socket.AF_INET, proto=0, flags=0)]
-
-    async def close(self) -> None:
-        pass
+        return [self.answers[min(len(self.lookups), len(self.answers)) - 1]]
 
 
 # Each is refused at write time whatever the port; "{port}" is the fake upstream's, which
@@ -145,43 +139,47 @@ def test_the_same_row_connects_when_the_policy_allows_it(
 
 
 async def _served_through(resolver: GuardedResolver, host: str) -> list[str]:
-    """GET http://host/ through aiohttp with `resolver`, against a server on 127.0.0.1."""
+    """Two chats to http://host/ through the relay's client guarded by `resolver` (a fresh pool
+    each, so each looks the name up), against a server on 127.0.0.1: the Host headers served."""
     hits: list[str] = []
 
-    async def hello(request: web.Request) -> web.Response:
-        hits.append(request.host)
-        return web.Response(text="hello")
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        hits.extend(line[6:].decode() for line in head.split(b"\r\n") if line.lower().startswith(b"host: "))
+        await reader.readexactly(2)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+        await writer.drain()
+        writer.close()
 
-    app = web.Application()
-    app.router.add_get("/", hello)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
     try:
-        connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False, force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            for _ in range(2):
-                try:
-                    async with session.get(f"http://{host}:{port}/") as response:
-                        await response.read()
-                except aiohttp.ClientConnectorError:
-                    pass
+        for _ in range(2):
+            client = UpstreamClient(Settings(connect_timeout=2, first_byte_timeout=2), resolver)
+            await client.start()
+            try:
+                response = await client.open(Target(f"http://{host}:{port}/v1/chat/completions", ""), b"{}")
+                await response.read()
+                response.release()
+            except BadRequest:
+                pass
+            finally:
+                await client.close()
     finally:
-        await runner.cleanup()
+        server.close()
+        await server.wait_closed()
     return hits
 
 
 def test_dns_rebinding_connects_only_to_the_checked_address() -> None:
-    # "rebind.test" exists only in this resolver: the first answer is allowed (127.0.0.1 is on
+    # "rebind.test" exists only in this lookup: the first answer is allowed (127.0.0.1 is on
     # the allow-list here), the second flips to the metadata address.
-    inner = FlippingResolver(["127.0.0.1", "169.254.169.254"])
+    inner = FlippingDNS(["127.0.0.1", "169.254.169.254"])
     guard = GuardedResolver(UpstreamPolicy(allow=("127.0.0.1/32",)), inner)
     hits = asyncio.run(_served_through(guard, "rebind.test"))
-    # The first request reached the address the guard checked; the OS cannot resolve
-    # "rebind.test", so aiohttp made no second, unchecked lookup. The flipped answer was refused.
-    assert len(hits) == 1
+    # The first chat reached the address the guard checked; the OS cannot resolve
+    # "rebind.test", so the relay made no second, unchecked lookup. The flipped answer was refused.
+    assert len(hits) == 1 and hits[0].startswith("rebind.test:")
     assert inner.lookups == ["rebind.test", "rebind.test"]
     with pytest.raises(OSError):
         socket.getaddrinfo("rebind.test", 80)

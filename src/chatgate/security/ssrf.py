@@ -23,17 +23,16 @@ import enum
 import errno
 import re
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
-from yarl import URL
+from urllib.parse import urlsplit
 
 from chatgate.config import DEFAULT_BASE_URL
 from chatgate.errors import BadRequest
 
 __all__ = [
+    "BaseURL",
     "BlockedAddress",
     "GuardedResolver",
     "UpstreamPolicy",
@@ -43,6 +42,7 @@ __all__ = [
     "effective_base_url",
     "literal_ip",
     "parse_base_url",
+    "system_lookup",
 ]
 
 IPAddress = IPv4Address | IPv6Address
@@ -60,6 +60,8 @@ _NAT64_LOCAL = ip_network("64:ff9b:1::/48")
 # Hex, octal and short IPv4 forms that inet_aton (and so getaddrinfo) turn into an address.
 _NUMERIC_HOST = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)(?:\.(?:0x[0-9a-f]*|[0-9]+)){0,3}", re.IGNORECASE)
 _HOSTNAME = re.compile(r"[a-z0-9_.-]+")
+# Characters urlsplit drops or keeps where other readers of the URL split it differently.
+_UNSAFE_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
 
 
 class _Kind(enum.Enum):
@@ -208,33 +210,90 @@ def effective_base_url(url: str) -> str:
     return url.strip() or DEFAULT_BASE_URL
 
 
-def parse_base_url(url: str) -> URL:
-    """Parse a base URL: http(s), a host, no credentials; BadRequest naming base_url otherwise."""
+@dataclass(frozen=True)
+class BaseURL:
+    """A checked base URL: `host` is the ASCII (IDNA) form that gets resolved, without brackets."""
+
+    scheme: str
+    host: str
+    port: int
+
+
+def parse_base_url(url: str) -> BaseURL:
+    """Parse a base URL: http(s), a host, no credentials; BadRequest naming base_url otherwise.
+
+    `urllib.parse.urlsplit` is the parser, as in the relay (`upstream/http11.py`), but it is
+    lenient where other software reads a URL differently: it drops tabs and newlines, ignores
+    text after `]`, takes the last `@` as the end of the credentials, and keeps backslashes (a
+    browser's `/`). Such URLs are refused here, so the host checked is the host connected to
+    whoever reads the stored URL.
+    """
+    url = url.strip()
+    if _UNSAFE_CHARS.search(url):
+        raise BadRequest("base_url must not contain spaces, control characters or backslashes", param="base_url")
     try:
-        parsed = URL(url)
-    except (ValueError, TypeError):
+        parts = urlsplit(url)
+    except ValueError:
         raise BadRequest("base_url is not a valid URL", param="base_url") from None
-    if parsed.scheme not in ("http", "https"):
+    if parts.scheme not in ("http", "https") or not url.lower().startswith(parts.scheme + "://"):
         raise BadRequest("base_url must start with http:// or https://", param="base_url")
-    host = parsed.raw_host  # the ASCII (IDNA) form, which is what gets resolved
-    if not host:
-        raise BadRequest("base_url has no host", param="base_url")
-    if parsed.raw_user or parsed.raw_password:
+    if "@" in parts.netloc:
         raise BadRequest("base_url must not contain credentials; put the key in api_key", param="base_url")
-    if ":" in host:
+    if "?" in url or "#" in url:  # even empty ones
+        # The relay appends /chat/completions to the base URL, which would land in either.
+        raise BadRequest("base_url must not have a query or a fragment", param="base_url")
+    if not parts.path.isascii():
+        raise BadRequest("base_url path must be ASCII (percent-encode it)", param="base_url")
+    written, port = _split_netloc(parts.netloc)
+    if not written:
+        raise BadRequest("base_url has no host", param="base_url")
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    return BaseURL(parts.scheme, _ascii_host(written), port)
+
+
+def _split_netloc(netloc: str) -> tuple[str, int | None]:
+    """The host as written (lowercase, no brackets) and the port, if the netloc is exactly
+    `host`, `host:port`, `[v6]` or `[v6]:port`."""
+    if netloc.startswith("["):
+        end = netloc.find("]")
+        if end < 0:
+            raise BadRequest("base_url has an invalid host", param="base_url")
+        host, rest = netloc[1:end].lower(), netloc[end + 1 :]
+        if "%" in host:  # zone ids ("%25eth0") only ever name link-local addresses
+            raise BadRequest("base_url has an invalid host", param="base_url")
         try:
-            if "%" in host:  # zone ids ("%eth0") only ever name link-local addresses
-                raise ValueError(host)
             IPv6Address(host)
         except ValueError:
             raise BadRequest("base_url has an invalid host", param="base_url") from None
-    elif not _HOSTNAME.fullmatch(host):
+    else:
+        host, colon, port_text = netloc.partition(":")
+        host, rest = host.lower(), colon + port_text
+    if not rest:
+        return host, None
+    digits = rest[1:]
+    if rest[0] != ":" or not (digits.isascii() and digits.isdigit() and 0 < int(digits) < 65536):
+        raise BadRequest("base_url has an invalid port", param="base_url")
+    return host, int(digits)
+
+
+def _ascii_host(host: str) -> str:
+    """The ASCII form of a written host, as the C library is asked for it (Python's and uvloop's
+    getaddrinfo encode with the stdlib IDNA codec); BadRequest when it is not a hostname."""
+    if ":" in host:
+        return host  # an IPv6 literal, checked by _split_netloc
+    try:
+        ascii_host = host.encode("idna").decode("ascii") if not host.isascii() else host
+    except UnicodeError:
+        raise BadRequest("base_url has an invalid host", param="base_url") from None
+    if not _HOSTNAME.fullmatch(ascii_host) or (ascii_host != host and literal_ip(ascii_host) is not None):
+        # The second: "127。0。0。1" (ideographic full stops) is 127.0.0.1 to the IDNA codec.
         raise BadRequest("base_url has an invalid host", param="base_url")
-    return parsed
+    return ascii_host
 
 
 def check_literal_host(host: str, policy: UpstreamPolicy) -> None:
-    """Check an IP-literal host without any lookup: call it with `URL(base_url).raw_host`.
+    """Check an IP-literal host without any lookup: call it with `parse_base_url(base_url).host`.
     Rows that never passed `check_url` (written by chatbot-ui, or before a policy change) are
     refused this way before any connection is tried.
 
@@ -245,12 +304,21 @@ def check_literal_host(host: str, policy: UpstreamPolicy) -> None:
         check_address(ip, host, policy)
 
 
-async def check_url(url: str, policy: UpstreamPolicy, resolver: AbstractResolver | None = None) -> None:
+Lookup = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def system_lookup(host: str, port: int) -> list[str]:
+    """The addresses the C library resolves `host` to (through the loop's getaddrinfo: uvloop's
+    or a thread), each once, in the order given; raises OSError (`socket.gaierror`)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+async def check_url(url: str, policy: UpstreamPolicy, lookup: Lookup = system_lookup) -> None:
     """Write-time check of a base URL: well formed, and every address its host resolves to allowed."""
     if not url.strip():
         return  # the default, OpenAI's public API
-    parsed = parse_base_url(url)
-    host = parsed.raw_host or ""
+    host = parse_base_url(url).host
     ip = literal_ip(host)
     if ip is not None:
         check_address(ip, host, policy)
@@ -260,12 +328,7 @@ async def check_url(url: str, policy: UpstreamPolicy, resolver: AbstractResolver
         return
     try:
         async with asyncio.timeout(_RESOLVE_TIMEOUT):
-            if resolver is None:
-                infos = await asyncio.get_running_loop().getaddrinfo(host, parsed.port or 0, type=socket.SOCK_STREAM)
-                addresses = [str(info[4][0]) for info in infos]
-            else:
-                results = await resolver.resolve(host, parsed.port or 0, family=socket.AF_UNSPEC)
-                addresses = [result["host"] for result in results]
+            addresses = await lookup(host, 0)
     except (OSError, UnicodeError, TimeoutError):
         addresses = []
     if not addresses:
@@ -274,36 +337,35 @@ async def check_url(url: str, policy: UpstreamPolicy, resolver: AbstractResolver
         check_address(ip_address(address), host, policy)
 
 
-class GuardedResolver(AbstractResolver):
-    """A resolver (aiohttp's interface) that refuses a host when any address it resolves to is
+class GuardedResolver:
+    """Resolves a host for the upstream pool and refuses it when any address it resolves to is
     not allowed.
 
     Every address returned was checked, and the pool connects to exactly those, so a DNS answer
-    that changes after the check cannot redirect the connection. Raises `BlockedAddress`.
+    that changes after the check cannot redirect the connection. Raises `BlockedAddress`, or
+    the lookup's OSError.
     """
 
-    def __init__(self, policy: UpstreamPolicy, resolver: AbstractResolver | None = None) -> None:
+    def __init__(self, policy: UpstreamPolicy, lookup: Lookup = system_lookup) -> None:
         self._policy = policy
-        self._inner = resolver
+        self._lookup = lookup
 
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        """Resolve `host` with the inner resolver and check every address."""
-        if self._inner is None:
-            # Created here, not in __init__, because ThreadedResolver binds the running loop.
-            self._inner = ThreadedResolver()
-        results = await self._inner.resolve(host, port, family)
-        for result in results:
+    async def resolve(self, host: str, port: int = 0) -> list[str]:
+        """The addresses of `host` (IP literals included), every one checked."""
+        if not host.isascii():
+            try:  # the form write time checked, so that the allow-list matches the same name
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise BlockedAddress(f"base_url host {host} is not a valid hostname") from None
+        addresses = await self._lookup(host, port)
+        for address in addresses:
             try:
-                check_address(ip_address(result["host"]), host, self._policy)
+                check_address(ip_address(address), host, self._policy)
             except BadRequest as exc:
                 raise BlockedAddress(exc.message) from None
             except ValueError:
                 raise BlockedAddress(f"base_url host {host} resolved to something not an address") from None
-        return results
+        return addresses
 
     async def close(self) -> None:
-        """Close the inner resolver."""
-        if self._inner is not None:
-            await self._inner.close()
+        """Nothing to release (the lookup holds no resources); kept for the client's lifecycle."""

@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import http.client
 import json
 import logging
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
-from urllib.parse import unquote
+from typing import IO, Any
+from urllib.error import HTTPError
+from urllib.parse import unquote, urlsplit
 
-import aiohttp
 import jwt
 
 from chatgate.errors import ServiceUnavailable, Unauthorized
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 _ASYMMETRIC = frozenset({"RS256", "ES256"})
 _MAX_TOKEN_CHARS = 16_384
+_JWKS_TIMEOUT = 10.0
+_MAX_JWKS_BYTES = 1 << 20  # a JWKS holds a few keys of a few hundred bytes each
 # Reasons for a rejected token. Each names what is wrong, never what was right, and no token text.
 _REASONS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
     (jwt.ExpiredSignatureError, "token expired"),
@@ -50,7 +54,6 @@ class SupabaseVerifier:
         jwt_secret: str | None = None,
         jwks_url: str | None = None,
         audience: str = "authenticated",
-        session: aiohttp.ClientSession | None = None,
         leeway: float = 30.0,
         *,
         issuer: str | None = None,
@@ -65,8 +68,6 @@ class SupabaseVerifier:
         self._audience = audience
         self._issuer = issuer
         self._leeway = leeway
-        self._session = session
-        self._owns_session = session is None
         self._refetch_interval = refetch_interval
         self._jwks_max_age = jwks_max_age
         self._clock = clock
@@ -136,17 +137,15 @@ class SupabaseVerifier:
 
     async def _fetch(self) -> None:
         assert self._jwks_url is not None
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
         try:
-            async with self._session.get(
-                self._jwks_url, timeout=aiohttp.ClientTimeout(total=10), raise_for_status=True
-            ) as response:
-                document = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            # A thread, because the stdlib client blocks; the timeout bounds the whole fetch
+            # (urllib's own bounds each socket operation only).
+            async with asyncio.timeout(_JWKS_TIMEOUT):
+                document = json.loads(await asyncio.to_thread(_get_jwks, self._jwks_url))
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # TimeoutError is an OSError
             # Count the attempt, so a Supabase outage is not retried on every request.
             self._fetched_at = self._clock()
-            logger.warning("cannot fetch the Supabase JWKS from %s: %s", self._jwks_url, exc)
+            logger.warning("cannot fetch the Supabase JWKS from %s: %s", self._jwks_url, str(exc) or type(exc).__name__)
             if not self._keys:
                 raise ServiceUnavailable("cannot fetch the token signing keys") from exc
             return
@@ -154,10 +153,49 @@ class SupabaseVerifier:
         self._fetched_at = self._clock()
 
     async def aclose(self) -> None:
-        """Close the HTTP session if this verifier created it."""
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Release what the verifier holds (nothing: each JWKS fetch uses its own connection)."""
+
+
+class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects only to http(s) URLs (urllib's default also follows ftp)."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if urlsplit(newurl).scheme not in ("http", "https"):
+            raise HTTPError(newurl, code, f"redirect to a non-HTTP URL ({msg})", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _get_jwks(url: str) -> bytes:
+    """GET the JWKS document (blocking): http(s) only, no environment proxy (as the relay), at
+    most `_MAX_JWKS_BYTES`; raises OSError (HTTPError for a non-2xx answer) or ValueError."""
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise ValueError("the JWKS URL must be http(s)")
+    # Only these handlers: no file:, ftp: or data: URLs, and no proxy from the environment.
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        _SameSchemeRedirects(),
+        urllib.request.HTTPErrorProcessor(),
+        urllib.request.HTTPDefaultErrorHandler(),
+    ):
+        opener.add_handler(handler)
+    request = urllib.request.Request(  # noqa: S310 - the opener above has only http(s) handlers
+        url, headers={"Accept": "application/json", "User-Agent": "chatgate"}
+    )
+    with opener.open(request, timeout=_JWKS_TIMEOUT) as response:
+        body: bytes = response.read(_MAX_JWKS_BYTES + 1)
+    if len(body) > _MAX_JWKS_BYTES:
+        raise ValueError(f"the JWKS document is larger than {_MAX_JWKS_BYTES} bytes")
+    return body
 
 
 def _reason(exc: jwt.InvalidTokenError) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -120,12 +119,11 @@ class UpstreamClient:
 
     async def _resolve(self, host: str, port: int) -> list[str]:
         try:
-            results = await self._resolver.resolve(host, port, family=socket.AF_UNSPEC)
+            return await self._resolver.resolve(host, port)
         except BlockedAddress:
             raise
         except OSError as exc:
             raise ConnectError(f"cannot resolve {host}") from exc
-        return [result["host"] for result in results]
 
     async def open(
         self, target: Target, body: bytes, *, accept: str = "text/event-stream", first_byte_timeout: float | None = None
