@@ -411,3 +411,15 @@ def test_the_pin_in_pyproject_is_the_tested_range() -> None:
     (pin,) = [d for d in pyproject["project"]["dependencies"] if d.startswith("uvicorn")]
     (low, high) = TESTED_UVICORN
     assert pin.endswith(f">={low[0]}.{low[1]},<{high[0]}.{high[1]}")
+
+
+def test_serve_refuses_an_untested_uvicorn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from chatgate.cli import app
+
+    monkeypatch.setattr(uvicorn, "__version__", "0.99.1")
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 1
+    assert "uvicorn 0.99.1 is installed" in result.output
+    assert "tested with uvicorn>=0.54,<0.55 only" in " ".join(result.output.split())

@@ -43,8 +43,10 @@ _REQUEST_LINE_EXTRA = 1 + len(b" HTTP/1.1\r\n") + 2
 _HEADER_EXTRA = len(b": \r\n")
 
 
-def uvicorn_problem(version: str = uvicorn.__version__) -> str | None:
-    """Why this uvicorn cannot be trusted with chatgate's protocol subclass, or None."""
+def uvicorn_problem(version: str | None = None) -> str | None:
+    """Why this uvicorn (the installed one by default) cannot be trusted with chatgate's protocol
+    subclass, or None."""
+    version = uvicorn.__version__ if version is None else version
     try:
         found = tuple(int(part) for part in version.split(".")[:2])
     except ValueError:
