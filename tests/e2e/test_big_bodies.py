@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.backends("sqlite")]  # the edge does 
 
 MB = 1_000_000
 SIZES = [3 * MB, 12 * MB, 19 * MB]
-TOO_LARGE = 21 * MB  # over the default CHATGATE_MAX_BODY_BYTES, 20 MiB
+LIMIT = 20 * 1024 * 1024  # the default CHATGATE_MAX_BODY_BYTES
+TOO_LARGE = 21 * MB
 REPEATS = 20
 
 
@@ -40,7 +41,7 @@ def sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeUpstream]:
 class Route:
     name: str
     path: str
-    build: Callable[[ChatgateServer, FakeUpstream, int], dict[str, Any]]  # a payload of about `size` bytes
+    build: Callable[[Target, int], dict[str, Any]]  # a payload of exactly `size` bytes
     expect: int
     chat: bool = True
 
@@ -62,47 +63,48 @@ def image_part(data: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + data}}
 
 
-_models: dict[str, tuple[str, str]] = {}
+@dataclass(frozen=True)
+class Target:
+    """Where the big bodies go: a model on the sink (its chatgate id and upstream name)."""
+
+    model_id: str
+    name: str
+    sink: FakeUpstream
 
 
-def model(gateway: ChatgateServer, sink: FakeUpstream) -> tuple[str, str]:
-    """(chatgate id, upstream name) of a model on the sink, one per gateway."""
-    if gateway.url not in _models:
-        name = unique_name("big")
-        _models[gateway.url] = (gateway.add_model(base_url=sink.base_url, model_id=name), name)
-    return _models[gateway.url]
+@pytest.fixture(scope="module")
+def target(gateway: ChatgateServer, sink: FakeUpstream) -> Target:
+    name = unique_name("big")
+    return Target(gateway.add_model(base_url=sink.base_url, model_id=name), name, sink)
 
 
-def custom_with_image(gateway: ChatgateServer, sink: FakeUpstream, size: int) -> dict[str, Any]:
+def custom_with_image(target: Target, size: int) -> dict[str, Any]:
     """What chatbot-ui sends for a question about a picture."""
-    model_id, name = model(gateway, sink)
     return fit(
         lambda data: {
-            "chatSettings": {"model": name, "temperature": 0.5},
+            "chatSettings": {"model": target.name, "temperature": 0.5},
             "messages": [
                 {"role": "system", "content": "Be brief."},
                 {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image_part(data)]},
             ],
-            "customModelId": model_id,
+            "customModelId": target.model_id,
         },
         size,
     )
 
 
-def openai_with_image(gateway: ChatgateServer, sink: FakeUpstream, size: int) -> dict[str, Any]:
-    model_id, _ = model(gateway, sink)
+def openai_with_image(target: Target, size: int) -> dict[str, Any]:
     return fit(
         lambda data: {
-            "model": model_id,
+            "model": target.model_id,
             "messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image_part(data)]}],
         },
         size,
     )
 
 
-def openai_long_chat(gateway: ChatgateServer, sink: FakeUpstream, size: int) -> dict[str, Any]:
+def openai_long_chat(target: Target, size: int) -> dict[str, Any]:
     """A chat of 10,000 messages."""
-    model_id, _ = model(gateway, sink)
     count = 10_000
 
     def make(filler: str) -> dict[str, Any]:
@@ -112,14 +114,14 @@ def openai_long_chat(gateway: ChatgateServer, sink: FakeUpstream, size: int) -> 
             for i in range(count)
         ]
         messages[-1]["content"] += filler[count * share :][:extra]
-        return {"model": model_id, "messages": messages}
+        return {"model": target.model_id, "messages": messages}
 
     return fit(make, size)
 
 
-def new_model(gateway: ChatgateServer, sink: FakeUpstream, size: int) -> dict[str, Any]:
+def new_model(target: Target, size: int) -> dict[str, Any]:
     """A model registration made big by the whitespace JSON allows (no field may be that long)."""
-    fields = {"name": unique_name("big-model"), "base_url": sink.base_url, "model_id": "m", "api_key": "sk-big"}
+    fields = {"name": unique_name("big-model"), "base_url": target.sink.base_url, "model_id": "m", "api_key": "sk-big"}
     body = orjson.dumps(fields)
     return {"_raw": body[:-1] + b" " * (size - len(body)) + b"}"}
 
@@ -149,9 +151,9 @@ def messages_digest(messages: Any) -> str:
 @pytest.mark.parametrize("size", SIZES, ids=[f"{s // MB}MB" for s in SIZES])
 @pytest.mark.parametrize("route", ROUTES, ids=[r.name for r in ROUTES])
 def test_big_bodies_are_accepted_again_and_again(
-    gateway: ChatgateServer, sink: FakeUpstream, route: Route, size: int
+    gateway: ChatgateServer, sink: FakeUpstream, target: Target, route: Route, size: int
 ) -> None:
-    payload = route.build(gateway, sink, size)
+    payload = route.build(target, size)
     body = body_of(payload)
     assert len(body) == size
     expected = messages_digest(payload["messages"]) if route.chat else None
@@ -171,10 +173,22 @@ def test_big_bodies_are_accepted_again_and_again(
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=[r.name for r in ROUTES])
-def test_a_body_over_the_limit_is_refused_413(gateway: ChatgateServer, sink: FakeUpstream, route: Route) -> None:
-    body = body_of(route.build(gateway, sink, TOO_LARGE))
+def test_a_body_over_the_limit_is_refused_413(
+    gateway: ChatgateServer, sink: FakeUpstream, target: Target, route: Route
+) -> None:
+    body = body_of(route.build(target, TOO_LARGE))
     with gateway.client(timeout=60.0) as client:
         response = client.post(route.path, content=body, headers={"content-type": "application/json"})
     assert response.status_code == 413
     assert "larger than the limit of 20971520 bytes" in response.text
     assert received(sink) == []
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=[r.name for r in ROUTES])
+def test_the_body_limit_is_exact(gateway: ChatgateServer, sink: FakeUpstream, target: Target, route: Route) -> None:
+    with gateway.client(timeout=60.0) as client:
+        for size, expect in ((LIMIT, route.expect), (LIMIT + 1, 413)):
+            body = body_of(route.build(target, size))
+            response = client.post(route.path, content=body, headers={"content-type": "application/json"})
+            assert response.status_code == expect, (size, response.text)
+            sink.reset()
