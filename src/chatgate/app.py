@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from chatgate.api import chat_custom, chat_openai, openapi
-from chatgate.api.asgi import BodyLimit, ClientGone, Receive, Scope, Send, send_json
+from chatgate.api.asgi import BodyLimit, ClientGone, Receive, Scope, Send, abort_response, send_json
 from chatgate.api.control import build_control_app
 from chatgate.config import Settings
 from chatgate.errors import ChatgateError, ServiceUnavailable, UpstreamError, UpstreamStatus
@@ -75,6 +75,8 @@ class Gateway:
                 if isinstance(exc, UpstreamStatus):
                     headers += exc.headers  # the upstream's Retry-After, passed on
                 await send_json(send, exc.status, render(exc), headers)
+            else:
+                abort_response(scope)  # too late for a status: the client can only tell it is cut short
         except Exception:
             # The one broad catch: whatever escaped is a bug; the client learns nothing of it.
             log.exception("request %s: unexpected error", trace.request_id)
@@ -83,6 +85,8 @@ class Gateway:
                 await send_json(
                     send, 500, render(ChatgateError(UNEXPECTED)), [(b"x-request-id", trace.request_id.encode())]
                 )
+            else:
+                abort_response(scope)
         finally:
             trace.finish()
             # Every authenticated chat is counted, failed ones too; the recorder never blocks.
@@ -117,6 +121,12 @@ class Gateway:
         # again and again (it showed up as ~9% of a streamed chat's CPU).
         gc.collect()
         gc.freeze()
+
+    async def drain(self) -> None:
+        """Before shutting down: let running chats finish for `drain_timeout` seconds, then end
+        the rest (the server keeps serving meanwhile; `/readyz` answers 503 from the start)."""
+        if self.runtime is not None:
+            await self.runtime.chats.drain(self.settings.drain_timeout)
 
     async def shutdown(self) -> None:
         if self.runtime is not None:

@@ -139,15 +139,19 @@ def serve(
 
     from chatgate.app import create_app
     from chatgate.logs import configure
-    from chatgate.server import protocol_for
+    from chatgate.server import DrainingServer, protocol_for, uvicorn_problem
 
+    problem = uvicorn_problem()
+    if problem is not None:
+        raise _fail(problem)
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = _settings().model_copy(update=overrides)
     configure(settings.log_level)
     shown = make_url(settings.database_url).render_as_string(hide_password=True)
     err.print(f"chatgate serving on http://{settings.host}:{settings.port} (database: {shown})", highlight=False)
-    uvicorn.run(
-        create_app(settings),
+    gateway = create_app(settings)
+    config = uvicorn.Config(
+        gateway,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
@@ -158,8 +162,10 @@ def serve(
         server_header=False,
         # chatgate does not use the client's address; behind a proxy there is nothing to rewrite.
         proxy_headers=False,
+        # After the drain (chats ended) only control-plane requests can be left to wait for.
         timeout_graceful_shutdown=5,
     )
+    DrainingServer(config, gateway.drain).run()
 
 
 @db_app.command("upgrade")

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     # Seconds a client may take to send a request's head, or leave its body stalled, before
     # the request is answered 408 (slowloris); uvicorn has no such timeout of its own.
     client_timeout: float = Field(30.0, gt=0)
+    # Seconds running chats may take to finish after SIGTERM before they are ended (503).
+    drain_timeout: float = Field(30.0, ge=0)
 
     # Apply pending migrations when the server starts.
     migrate_on_start: bool = True

@@ -8,7 +8,7 @@ import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,6 +18,7 @@ from chatgate.api.asgi import Scope
 from chatgate.cache import LRUCache
 from chatgate.cachebus import CacheBus
 from chatgate.config import Settings
+from chatgate.drain import RunningChats
 from chatgate.errors import AmbiguousModel, ModelNotFound, NotFound
 from chatgate.metrics import Metrics
 from chatgate.registry import ModelRecord, Registry
@@ -125,6 +126,7 @@ class Runtime:
     usage: UsageRecorder
     redis: Redis | None = None
     bus: CacheBus | None = None
+    chats: RunningChats = field(default_factory=RunningChats)  # for the drain at shutdown
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:

@@ -1,29 +1,85 @@
-"""uvicorn's httptools protocol with the two limits it lacks for a server facing the Internet,
-and a cheap way for a chat to hear that its client left.
+"""How chatgate runs uvicorn: its httptools protocol with the limits it lacks for a server facing
+the Internet, and its `Server` with a drain before shutting down.
 
-uvicorn (0.54, httptools) buffers a request head of any size and waits for it forever: one
-client could send gigabytes of headers, or open connections and trickle bytes (slowloris).
-This subclass refuses a head larger than `max_head_bytes` with 431, and a head or a body that
-makes no progress for `head_timeout` seconds with 408, closing the connection either way. Body
-sizes are bounded in the application (`api.asgi.BodyLimit`, `read_body`).
+uvicorn (httptools) buffers a request head of any size and waits for it forever: one client
+could send gigabytes of headers, or open connections and trickle bytes (slowloris). The protocol
+refuses a head larger than `max_head_bytes` with 431, and a head or a body that makes no progress
+for `head_timeout` seconds with 408, closing the connection either way. Body sizes are bounded in
+the application (`api.asgi.BodyLimit`, `read_body`). It also gives each request two extensions:
+a cheap way to hear that the client left (`DisconnectSignal`) and a way to end a response on
+purpose, incomplete (`ABORT_EXTENSION`).
+
+Both classes use uvicorn internals (parser callbacks, `RequestResponseCycle` fields, `Server`
+hooks), so `serve` refuses a uvicorn outside `TESTED_UVICORN`; `tests/test_server.py` is the
+contract to run before widening that range.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from functools import partial
+from types import FrameType
 from typing import Any
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from chatgate.api.asgi import BODY_TIMEOUT_EXTENSION, DISCONNECT_EXTENSION, DisconnectSignal
+from chatgate.api.asgi import ABORT_EXTENSION, BODY_TIMEOUT_EXTENSION, DISCONNECT_EXTENSION, DisconnectSignal
 from chatgate.config import Settings
 
+log = logging.getLogger("chatgate")
+
 MAX_HEAD_BYTES = 64 * 1024
+# The uvicorn releases this module was tested with, [low, high): keep in step with pyproject.toml.
+TESTED_UVICORN = ((0, 54), (0, 55))
+# What a head costs besides its target and headers: the method's space, " HTTP/1.1\r\n" and the
+# blank line; with ": " and CRLF per header, the count is the head's size on the wire.
+_REQUEST_LINE_EXTRA = 1 + len(b" HTTP/1.1\r\n") + 2
+_HEADER_EXTRA = len(b": \r\n")
+
+
+def uvicorn_problem(version: str | None = None) -> str | None:
+    """Why this uvicorn (the installed one by default) cannot be trusted with chatgate's protocol
+    subclass, or None."""
+    version = uvicorn.__version__ if version is None else version
+    try:
+        found = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        found = ()
+    low, high = TESTED_UVICORN
+    if len(found) == 2 and low <= found < high:
+        return None
+    tested = f">={low[0]}.{low[1]},<{high[0]}.{high[1]}"
+    return (
+        f"uvicorn {version} is installed, but chatgate's server extends uvicorn internals and was "
+        f"tested with uvicorn{tested} only: install that (pip install 'uvicorn[standard]{tested}')"
+    )
+
+
+class _Phase(enum.Enum):
+    """Where a connection is in the request it is reading."""
+
+    IDLE = "idle"  # between requests: nothing of the next head has arrived
+    HEAD = "head"  # a head is arriving
+    BODY = "body"  # the head is in, the body is not
 
 
 class _HeadRefused(Exception):
     """Raised from a parser callback to stop parsing a head that is refused."""
+
+
+def _abort(cycle: RequestResponseCycle) -> None:
+    """End `cycle`'s response incomplete, on purpose: the client sees the connection close."""
+    if cycle.response_complete:
+        return
+    # uvicorn then takes the app's return for what it is, not as a bug to log at ERROR.
+    cycle.disconnected = True
+    cycle.transport.close()
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -34,15 +90,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_bytes = 0
-        self._head_done = False
+        self._phase = _Phase.IDLE
         self._heads = 0  # heads completed on this connection
-        self._head_size = 0  # bytes of the current head, as parsed
+        self._head_size = 0  # bytes of the current head, as parsed: exact whatever the reads
+        self._head_read = 0  # bytes read of the current head while it is still arriving
         self._refusal: tuple[int, str] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_last = 0.0
-        self._body_open = False  # a head is in, its body is not
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -61,36 +116,50 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._phase = _Phase.HEAD
         self._head_size = 0
+        self._head_read = 0
+        # Merged, not replaced: a later uvicorn may put its own extensions here.
+        scope: Any = self.scope
+        extensions = scope.get("extensions")
+        if extensions is None:
+            extensions = scope["extensions"] = {}
         # Lets a chat learn that its client left without a task waiting on receive() (api/asgi.py).
-        # And tells read_body() that this protocol bounds a stalled body, so it need not.
-        extensions: Any = {DISCONNECT_EXTENSION: DisconnectSignal(), BODY_TIMEOUT_EXTENSION: True}
-        self.scope["extensions"] = extensions
+        extensions[DISCONNECT_EXTENSION] = DisconnectSignal()
+        # Tells read_body() that this protocol bounds a stalled body, so it need not.
+        extensions[BODY_TIMEOUT_EXTENSION] = True
 
     def data_received(self, data: bytes) -> None:
-        if not self._head_done:
+        before = self._phase
+        if before is not _Phase.BODY:
             self._arm_head_timer()
         heads = self._heads
         super().data_received(data)
-        if self._body_open:
+        phase = self._phase
+        if phase is _Phase.BODY:
             # Most bodies come whole with their head and never get here; a slow one gets one timer,
             # pushed on by each read (not re-created per read).
             self._body_last = self.loop.time()
             if self._body_timer is None:
                 self._body_timer = self.loop.call_at(self._body_last + self.head_timeout, self._body_check)
-        # Counted after parsing, and only when no head completed in this read: a read that
-        # completes a head (and carries body bytes after it) is not an oversized head.
-        if heads == self._heads and not self._head_done and not self.transport.is_closing():
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_head_bytes:
+        elif phase is _Phase.HEAD and before is not _Phase.BODY and heads == self._heads:
+            # The whole read belongs to a head that is still arriving: count it as read, which
+            # also bounds what the parser buffers of a header not yet complete. A read that began
+            # in a body, or completed a head, holds bytes of another part: the parsed count
+            # (`_count`) covers the head bytes in those.
+            if self.transport.is_closing():
+                return
+            self._head_read += len(data)
+            if self._head_read > self.max_head_bytes:
                 self._refuse(431, f"Request headers are larger than the limit of {self.max_head_bytes} bytes")
 
     def on_url(self, url: bytes) -> None:
-        self._count(len(url))
+        extra = 0 if self.url else len(self.parser.get_method()) + _REQUEST_LINE_EXTRA
+        self._count(len(url) + extra)
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
+        self._count(len(name) + len(value) + _HEADER_EXTRA)
         super().on_header(name, value)
 
     def _count(self, size: int) -> None:
@@ -107,19 +176,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().send_400_response(msg)
 
     def on_headers_complete(self) -> None:
-        self._head_done = True
+        self._phase = _Phase.BODY
         self._heads += 1
-        self._body_open = True
         self._cancel_head_timer()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:  # not for an upgrade, which has no cycle
+            extensions: Any = self.scope["extensions"]
+            extensions[ABORT_EXTENSION] = partial(_abort, cycle)
 
     def on_message_complete(self) -> None:
-        self._body_open = False
+        self._phase = _Phase.IDLE  # what arrives next on this connection is the next request's head
         self._cancel_body_timer()
         super().on_message_complete()
-        # What arrives next on this connection is the next request's head.
-        self._head_done = False
-        self._head_bytes = 0
 
     def _arm_head_timer(self) -> None:
         if self._head_timer is None:
@@ -134,7 +203,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing():
             return
-        if self._head_bytes:
+        if self._phase is _Phase.HEAD:
             self._refuse(408, f"Request headers not received within {self.head_timeout:g} s")
         else:
             self.transport.close()  # nothing was asked: nothing to answer
@@ -146,7 +215,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _body_check(self) -> None:
         self._body_timer = None
-        if not self._body_open or self.transport.is_closing():
+        if self._phase is not _Phase.BODY or self.transport.is_closing():
             return
         due = self._body_last + self.head_timeout
         if self.loop.time() < due:
@@ -172,3 +241,34 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 def protocol_for(settings: Settings) -> type[GuardedHttpToolsProtocol]:
     """The protocol class uvicorn should use for these settings."""
     return type("ChatgateHttpProtocol", (GuardedHttpToolsProtocol,), {"head_timeout": settings.client_timeout})
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain: the first SIGTERM or SIGINT runs `drain` (the app lets its
+    running chats finish, then ends the rest) while the server still serves, and only then does
+    uvicorn's own shutdown begin. A second signal ends the process at once."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._drain_asked = False
+        self._draining: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not uvicorn's: it re-raises the signal after shutting down, so a clean drain would
+        # still end the process by SIGTERM rather than with exit status 0.
+        if self._drain_asked:
+            log.warning("%s again: stopping now, without waiting for running chats", signal.Signals(sig).name)
+            self.should_exit = self.force_exit = True
+        else:
+            self._drain_asked = True  # a signal handler only sets flags; on_tick starts the drain
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_asked and self._draining is None:
+            self._draining = asyncio.create_task(self._drain())
+        if self._draining is not None and self._draining.done():
+            self.should_exit = True
+            failure = None if self._draining.cancelled() else self._draining.exception()
+            if failure is not None:
+                log.error("the drain failed; shutting down now", exc_info=failure)
+        return await super().on_tick(counter)

@@ -34,13 +34,14 @@ def endpoints(server: ChatgateServer) -> list[tuple[str, str]]:
     return found
 
 
-def test_every_endpoint_but_healthz_needs_a_credential(gateway: ChatgateServer) -> None:
+def test_every_endpoint_but_healthz_and_readyz_needs_a_credential(gateway: ChatgateServer) -> None:
     operations = endpoints(gateway)
     assert ("POST", "/api/chat/custom") in operations
     with httpx.Client(base_url=gateway.url, trust_env=False) as anonymous:
         assert anonymous.get("/healthz").status_code == 200
+        assert anonymous.get("/readyz").json() == {"status": "ready"}
         for method, path in operations:
-            if path == "/healthz":
+            if path in ("/healthz", "/readyz"):
                 continue
             response = anonymous.request(method, path, json={})
             assert response.status_code == 401, (method, path, response.text)

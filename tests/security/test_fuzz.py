@@ -200,4 +200,5 @@ def test_the_openapi_document_describes_the_chat_routes(fuzzed: ChatgateServer) 
     ]
     assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert document["paths"]["/healthz"]["get"]["security"] == []
+    assert document["paths"]["/readyz"]["get"]["security"] == []
     assert httpx.get(fuzzed.url + "/openapi.json", trust_env=False).status_code == 401

@@ -15,7 +15,9 @@ Routes (any path prefix before ``/chat/completions`` and ``/models``):
 - ``POST /_script/{name}``: a script (or a list of them) for the requests whose model is ``name``.
 - ``POST /_release/{gate}``: release a gate; it stays open for later requests too.
 - ``GET /_gates``: ``{"released": [...], "waiting": {gate: count}}``.
-- ``GET /_requests``, ``GET /_connections``: the records, oldest first.
+- ``GET /_requests``, ``GET /_connections``: the records, oldest first. ``GET /_requests?digest``
+  gives each request without its body: ``raw_bytes`` and ``messages_sha256`` (see ``digest``)
+  instead, for bodies too big to pass around.
 - ``POST /_reset``: forget scripts, gates and records (blocked gates are released first).
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import itertools
 import json
 import os
@@ -95,6 +98,20 @@ class FakeState:
         for record in self.connections:
             record.requests.clear()
             record.models.clear()
+
+
+def messages_digest(messages: Any) -> str:
+    """SHA-256 of `messages` as canonical JSON: a test compares it with what it sent."""
+    return hashlib.sha256(json.dumps(messages, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def digest(record: dict[str, Any]) -> dict[str, Any]:
+    """A request record without its body, which it names by size and by its messages' digest."""
+    summary = {key: value for key, value in record.items() if key not in ("body", "raw_body")}
+    body = record["body"]
+    summary["raw_bytes"] = len(record["raw_body"].encode())
+    summary["messages_sha256"] = messages_digest(body.get("messages") if isinstance(body, dict) else None)
+    return summary
 
 
 def default_script(body: Any) -> Script:
@@ -274,7 +291,8 @@ class _Connection(asyncio.Protocol):
             state.reset()
             await self._send_json(200, {"ok": True}, request.keep_alive)
         elif request.method == "GET" and verb == "requests":
-            await self._send_json(200, state.requests, request.keep_alive)
+            records = [digest(r) for r in state.requests] if request.query == "digest" else state.requests
+            await self._send_json(200, records, request.keep_alive)
         elif request.method == "GET" and verb == "connections":
             listed = [record.to_json() for record in state.connections if not record.control]
             await self._send_json(200, listed, request.keep_alive)

@@ -111,6 +111,23 @@ class ClientGone(Exception):
 DISCONNECT_EXTENSION = "chatgate.disconnect"
 # Set by chatgate's server protocol, which answers a stalled body with 408 itself.
 BODY_TIMEOUT_EXTENSION = "chatgate.body_timeout"
+# A callable set by chatgate's server protocol: ends the response on purpose (`abort_response`).
+ABORT_EXTENSION = "chatgate.abort"
+
+
+def abort_response(scope: Scope) -> None:
+    """End a response that has started, incomplete and on purpose, so that the client can tell it
+    was cut short (its body is never terminated) and the connection is not reused.
+
+    chatgate's server closes the connection at once and without logging the return of an
+    unfinished response as an application bug (uvicorn's "ASGI callable returned without
+    completing response" ERROR): chatgate has logged why already. Under another ASGI server this
+    does nothing: the app returns with the response unfinished, which servers also answer by
+    closing the connection."""
+    extensions = scope.get("extensions")
+    abort = extensions.get(ABORT_EXTENSION) if extensions else None
+    if abort is not None:
+        abort()
 
 
 def server_bounds_body(scope: Scope) -> bool:
@@ -142,10 +159,11 @@ class DisconnectWatch:
     Under chatgate's own server it listens to the connection (`DisconnectSignal`); under any other
     ASGI server it keeps a task waiting on `receive()` for `http.disconnect`."""
 
-    __slots__ = ("_signal", "_task", "_watcher", "gone")
+    __slots__ = ("_signal", "_task", "_watcher", "ending", "gone")
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self.gone = False
+        self.ending = False  # cancelled by `end()`: the server is shutting down
         self._task = asyncio.current_task()
         self._watcher: asyncio.Task[None] | None = None
         extensions = scope.get("extensions")
@@ -159,8 +177,15 @@ class DisconnectWatch:
             signal.callback = self._gone
 
     def _gone(self) -> None:
-        if self._task is not None and not self.gone:
+        if self._task is not None and not (self.gone or self.ending):
             self.gone = True
+            self._task.cancel()
+
+    def end(self) -> None:
+        """Cancel the chat the way a disconnect does, but as a failure: the server is shutting
+        down (`absorb()` then says so with `ending`). Nothing happens once `stop()` was called."""
+        if self._task is not None and not (self.gone or self.ending):
+            self.ending = True
             self._task.cancel()
 
     async def _watch(self, receive: Receive) -> None:
@@ -171,14 +196,16 @@ class DisconnectWatch:
                 return
 
     def stop(self) -> None:
+        self._task = None  # nothing is cancelled from now on
         if self._signal is not None:
             self._signal.callback = None
         if self._watcher is not None:
             self._watcher.cancel()
 
     def absorb(self) -> bool:
-        """After a CancelledError: True (and the cancellation undone) if it was our disconnect."""
-        if self.gone and self._task is not None:
+        """After a CancelledError: True (and the cancellation undone) if it was ours: a disconnect,
+        or `end()` when `ending` is set."""
+        if (self.gone or self.ending) and self._task is not None:
             self._task.uncancel()
             return True
         return False

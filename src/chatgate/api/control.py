@@ -95,6 +95,14 @@ def build_control_app() -> FastAPI:
         """Liveness: the process answers. Needs no credential."""
         return {"status": "ok"}
 
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "Draining: shutting down"}})
+    async def readyz(runtime: RuntimeDep) -> JSONResponse:
+        """Readiness: 503 from the moment a shutdown starts draining, for load balancers to stop
+        sending new chats. Needs no credential."""
+        if runtime.chats.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
     @app.get("/metrics", include_in_schema=False)
     async def metrics(runtime: RuntimeDep, principal: PrincipalDep) -> Response:
         """Prometheus counters of this process (admins only: scrape with an admin token)."""

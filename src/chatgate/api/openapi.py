@@ -2,7 +2,7 @@
 
 The chat routes are pure ASGI outside FastAPI (see `app.py`), so FastAPI cannot describe them;
 each chat module hands in a path item written by hand. Every operation needs a bearer
-credential except `GET /healthz`.
+credential except `GET /healthz` and `GET /readyz`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-PUBLIC_OPERATIONS = (("/healthz", "get"),)
+PUBLIC_OPERATIONS = (("/healthz", "get"), ("/readyz", "get"))
 
 MESSAGE_SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -10,7 +10,8 @@ from typing import Any
 
 import orjson
 
-from chatgate.api.asgi import DisconnectWatch, Receive, Scope, parse_json, read_body
+from chatgate.api.asgi import DisconnectWatch, Receive, Scope, abort_response, parse_json, read_body
+from chatgate.drain import shutting_down
 from chatgate.errors import ChatgateError, UpstreamIncomplete, UpstreamProtocolError, UpstreamStatus
 from chatgate.registry import ModelRecord
 from chatgate.runtime import Runtime
@@ -80,6 +81,7 @@ async def run_chat(
     target = Target(chat_completions_url(record.base_url), record.api_key)
     watch = DisconnectWatch(scope, receive)
     try:
+        runtime.chats.add(watch)  # so that a shutdown can wait for it, and end it
         async with runtime.limiter.stream(str(trace.user_id)):
             try:
                 await _exchange(runtime, target, orjson.dumps(payload), accept, first_byte_timeout, relay)
@@ -96,25 +98,38 @@ async def run_chat(
     except asyncio.CancelledError:
         if not watch.absorb():
             raise
-        trace.client_gone = True
-        trace.status = trace.status or 499
-        log.info("request %s: client went away; upstream request closed", trace.request_id)
+        if watch.ending:
+            await _failed(scope, trace, watch, shutting_down(), on_failure)
+        else:
+            trace.client_gone = True
+            trace.status = trace.status or 499
+            log.info("request %s: client went away; upstream request closed", trace.request_id)
     except ChatgateError as exc:
         scrub_key(exc, record.api_key)
-        if not trace.started:
-            if isinstance(exc, UpstreamProtocolError | UpstreamIncomplete):
-                # An answer chatgate cannot relay: the caller gets a 502, the operator the reason.
-                log.warning("request %s: model %s: %s", trace.request_id, record.id, exc.message)
-            raise
-        trace.error = exc.message
-        trace.status = exc.status
-        outcome = "aborted" if on_failure is None else "ended with an error event"
-        log.warning("request %s: stream %s after %d bytes: %s", trace.request_id, outcome, trace.bytes_out, exc.message)
-        if on_failure is not None:
-            watch.stop()  # what is sent now to a client that left is dropped, not cancelled
-            await on_failure(exc)
+        if not trace.started and isinstance(exc, UpstreamProtocolError | UpstreamIncomplete):
+            # An answer chatgate cannot relay: the caller gets a 502, the operator the reason.
+            log.warning("request %s: model %s: %s", trace.request_id, record.id, exc.message)
+        await _failed(scope, trace, watch, exc, on_failure)
     finally:
         watch.stop()
+        runtime.chats.discard(watch)
+
+
+async def _failed(
+    scope: Scope, trace: ChatTrace, watch: DisconnectWatch, exc: ChatgateError, on_failure: OnFailure | None
+) -> None:
+    """A chat failed: raise while nothing was sent, else log it and end the response the dialect's way."""
+    if not trace.started:
+        raise exc
+    trace.error = exc.message
+    trace.status = exc.status
+    outcome = "aborted" if on_failure is None else "ended with an error event"
+    log.warning("request %s: stream %s after %d bytes: %s", trace.request_id, outcome, trace.bytes_out, exc.message)
+    watch.stop()  # what is sent now to a client that left is dropped, not cancelled
+    if on_failure is None:
+        abort_response(scope)
+    else:
+        await on_failure(exc)
 
 
 # What a streamed answer may be labelled and still be read as SSE: some servers send text/plain
