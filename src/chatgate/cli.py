@@ -5,27 +5,38 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from typing import Annotated, Any, TypeVar
 
+import sqlalchemy as sa
 import typer
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatgate.accounts import Accounts
+from chatgate import __version__
+from chatgate.accounts import Accounts, User
 from chatgate.cachebus import CacheBus
+from chatgate.checks import CheckResult, Verdict, check_model
 from chatgate.config import Settings, load_settings
-from chatgate.errors import ChatgateError
+from chatgate.errors import BadRequest, ChatgateError
 from chatgate.registry import ModelCreate, ModelRecord, ModelUpdate, Registry, parse_id, parse_input, rotate_keys
-from chatgate.runtime import bootstrap_admin, build_registry, connect_redis
+from chatgate.runtime import build_registry, connect_redis, upstream_policy
+from chatgate.security.crypto import KeyRing
 from chatgate.security.keys import Keys
+from chatgate.security.ssrf import GuardedResolver
 from chatgate.store import db
-from chatgate.usage import query_usage, summarize
+from chatgate.upstream.client import UpstreamClient
+from chatgate.usage import summarize_usage
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -90,15 +101,52 @@ class Local:
         return Accounts(self.engine)
 
 
-async def _local(action: Callable[[Local], Awaitable[T]]) -> T:
+class NoDatabase(ChatgateError):
+    """The command needs a database that `chatgate serve` or `chatgate db upgrade` makes."""
+
+
+_START_HINT = "start the server with `chatgate serve` (it creates one) or run `chatgate db upgrade`"
+
+
+async def _schema_ready(engine: AsyncEngine, shown: str) -> None:
+    """Refuse a database without chatgate's tables, or with an older schema, without changing it."""
+
+    def revisions(conn: sa.Connection) -> tuple[str | None, str | None]:
+        current = MigrationContext.configure(conn).get_current_revision()
+        head = ScriptDirectory(str(resources.files("chatgate.store") / "migrations")).get_current_head()
+        return current, head
+
+    async with engine.connect() as conn:
+        current, head = await conn.run_sync(revisions)
+    if current is None:
+        raise NoDatabase(f"the database {shown} has no chatgate tables yet: {_START_HINT}")
+    if current != head:
+        raise NoDatabase(f"the database {shown} needs an upgrade: run `chatgate db upgrade`")
+
+
+def _keys(settings: Settings, *, writes: bool) -> Keys:
+    """The key ring; a read-only command does not create a missing key file (with none, no stored
+    key was encrypted by this installation: a throwaway ring stands in and decrypts nothing)."""
+    secret = settings.secret_key.get_secret_value()
+    if secret or writes or (settings.data_dir / "chatgate.key").exists():
+        return Keys.from_settings(settings)
+    return Keys(KeyRing(secrets.token_bytes(32)), encrypt_writes=settings.encrypt_api_keys)
+
+
+async def _local(action: Callable[[Local], Awaitable[T]], *, writes: bool = False) -> T:
+    """Run `action` on the existing database. Only `serve` and `db upgrade` migrate, only `serve`
+    creates the first admin: a command never surprises with a new database or user."""
     settings = _settings()
+    shown = make_url(settings.database_url).render_as_string(hide_password=True)
+    path = db.sqlite_path(settings.database_url)
+    if path is not None and not path.exists():
+        raise NoDatabase(f"no database at {path}: {_START_HINT}")
     engine = db.create_engine(settings.database_url)
-    redis = connect_redis(settings) if settings.redis_url else None
+    redis = connect_redis(settings) if settings.redis_url and writes else None
     try:
-        await db.upgrade(engine)
+        await _schema_ready(engine, shown)
         bus = CacheBus(redis, prefix=settings.redis_prefix) if redis is not None else None
-        local = Local(settings, engine, Keys.from_settings(settings), bus)
-        await bootstrap_admin(settings, local.accounts)
+        local = Local(settings, engine, _keys(settings, writes=writes), bus)
         return await action(local)
     finally:
         if redis is not None:
@@ -123,6 +171,21 @@ def _api_key(api_key: str | None, api_key_env: str | None) -> str | None:
             raise _fail(f"environment variable {api_key_env} is not set", 2)
         return value
     return api_key
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"chatgate {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """chatgate: a gateway for chatting with your own models."""
 
 
 # ----- serve and db -------------------------------------------------------------------------
@@ -190,7 +253,9 @@ def models_add(
     description: Annotated[str, typer.Option(help="Free text (at most 500 characters).")] = "",
     context_length: Annotated[int, typer.Option(help="Context window in tokens.")] = 4096,
     sharing: Annotated[str, typer.Option(help="private, public or unlisted.")] = "private",
-    user: Annotated[str, typer.Option(help="The owner (a chatgate user name).")] = "admin",
+    user: Annotated[
+        str | None, typer.Option(help="The owner (a chatgate user name); default: the admin, when there is one only.")
+    ] = None,
 ) -> None:
     """Register a model; prints its id."""
     data = _parse(
@@ -207,10 +272,20 @@ def models_add(
     )
 
     async def go(local: Local) -> ModelRecord:
-        owner = await local.accounts.user(user)
+        owner = await local.accounts.user(user) if user is not None else await _only_admin(local.accounts)
         return await local.registry.create(owner.id, data)
 
-    out.print(str(_run(_local(go)).id), highlight=False)
+    out.print(str(_run(_local(go, writes=True)).id), highlight=False)
+
+
+async def _only_admin(accounts: Accounts) -> User:
+    admins = [user for user in await accounts.users() if user.is_admin]
+    if len(admins) == 1:
+        return admins[0]
+    if not admins:
+        raise BadRequest("there is no admin to own the model: give --user NAME (see `chatgate users list`)")
+    names = ", ".join(user.name for user in admins)
+    raise BadRequest(f"there are {len(admins)} admins ({names}): say which owns the model with --user NAME")
 
 
 @models_app.command("list")
@@ -252,14 +327,18 @@ def models_show(model_id: Annotated[str, typer.Argument(help="The model's id.")]
 @models_app.command("update")
 def models_update(
     model_id: Annotated[str, typer.Argument(help="The model's id.")],
-    name: Annotated[str | None, typer.Option()] = None,
-    base_url: Annotated[str | None, typer.Option()] = None,
+    name: Annotated[str | None, typer.Option(help="New display name (at most 100 characters).")] = None,
+    base_url: Annotated[str | None, typer.Option(help="New OpenAI-compatible base URL.")] = None,
     upstream_model: Annotated[str | None, typer.Option("--model-id", help="The upstream model id.")] = None,
-    api_key: Annotated[str | None, typer.Option()] = None,
-    api_key_env: Annotated[str | None, typer.Option()] = None,
-    description: Annotated[str | None, typer.Option()] = None,
-    context_length: Annotated[int | None, typer.Option()] = None,
-    sharing: Annotated[str | None, typer.Option()] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="New API key (--api-key-env keeps it out of shell history).")
+    ] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Read the new API key from this environment variable.")
+    ] = None,
+    description: Annotated[str | None, typer.Option(help="New free text (at most 500 characters).")] = None,
+    context_length: Annotated[int | None, typer.Option(help="New context window in tokens.")] = None,
+    sharing: Annotated[str | None, typer.Option(help="private, public or unlisted.")] = None,
 ) -> None:
     """Change the given fields of a model."""
     fields = {
@@ -275,14 +354,49 @@ def models_update(
     if not given:
         raise _fail("nothing to change: give at least one option (see --help)", 2)
     data = _parse(ModelUpdate, given)
-    _show(_run(_local(lambda local: local.registry.update(parse_id(model_id), data))))
+    _show(_run(_local(lambda local: local.registry.update(parse_id(model_id), data), writes=True)))
 
 
 @models_app.command("remove")
 def models_remove(model_id: Annotated[str, typer.Argument(help="The model's id.")]) -> None:
     """Delete a model."""
-    _run(_local(lambda local: local.registry.delete(parse_id(model_id))))
+    _run(_local(lambda local: local.registry.delete(parse_id(model_id)), writes=True))
     out.print(f"Removed model {model_id}", highlight=False)
+
+
+@models_app.command("check")
+def models_check(
+    model_id: Annotated[str, typer.Argument(help="The model's id.")],
+    timeout: Annotated[float, typer.Option(help="Seconds each request may take.", min=0.1)] = 30.0,
+) -> None:
+    """Ask the model's server for its model list and a one-token chat, and say how it went.
+
+    Exit status: 0 the model answered and its server lists it; 3 it answered but is not in the
+    list (or the list failed); 1 it did not answer."""
+
+    async def go(local: Local) -> CheckResult:
+        record = await local.registry.for_chat(parse_id(model_id))
+        upstream = UpstreamClient(local.settings, GuardedResolver(upstream_policy(local.settings)))
+        await upstream.start()
+        try:
+            return await check_model(upstream, local.settings, record, wait=timeout)
+        finally:
+            await upstream.close()
+
+    result = _run(_local(go))
+    models, chat = result.models, result.chat
+    if not models.ok:
+        listed = f"failed: {models.error}"
+    elif result.listed:
+        listed = f"ok, lists {result.model_id}"
+    else:
+        listed = f"does not list {result.model_id}"
+    out.print(f"model list      {_ms(models.latency):>9}  {listed}", highlight=False)
+    out.print(
+        f"one-token chat  {_ms(chat.latency):>9}  {'ok' if chat.ok else 'failed: ' + str(chat.error)}", highlight=False
+    )
+    out.print(f"verdict: {result.verdict}", highlight=False)
+    raise typer.Exit({Verdict.OK: 0, Verdict.WARNING: 3, Verdict.FAILED: 1}[result.verdict])
 
 
 # ----- users and tokens ---------------------------------------------------------------------
@@ -294,7 +408,7 @@ def users_add(
     admin: Annotated[bool, typer.Option("--admin", help="May manage every model.")] = False,
 ) -> None:
     """Add a user (then give them a token with `chatgate tokens create --user NAME`)."""
-    user = _run(_local(lambda local: local.accounts.add_user(name, is_admin=admin)))
+    user = _run(_local(lambda local: local.accounts.add_user(name, is_admin=admin), writes=True))
     out.print(f"Added user {user.name} ({'admin' if user.is_admin else 'user'}), id {user.id}", highlight=False)
 
 
@@ -312,7 +426,7 @@ def users_list() -> None:
 @tokens_app.command("create")
 def tokens_create(user: Annotated[str, typer.Option(help="The user the token acts as.")]) -> None:
     """Create an API token; it is printed once and cannot be shown again."""
-    info, token = _run(_local(lambda local: local.accounts.create_token(user)))
+    info, token = _run(_local(lambda local: local.accounts.create_token(user), writes=True))
     err.print(f"Token {info.id} for {info.user} (shown once, keep it safe):", highlight=False)
     out.print(token, highlight=False, soft_wrap=True)
 
@@ -330,7 +444,7 @@ def tokens_list(user: Annotated[str | None, typer.Option(help="Only this user's 
 @tokens_app.command("revoke")
 def tokens_revoke(token: Annotated[str, typer.Argument(help="The token's id (or its prefix).")]) -> None:
     """Revoke a token: it stops working at once."""
-    info = _run(_local(lambda local: local.accounts.revoke(token)))
+    info = _run(_local(lambda local: local.accounts.revoke(token), writes=True))
     out.print(f"Revoked token {info.id} ({info.prefix}…) of {info.user}", highlight=False)
 
 
@@ -365,12 +479,12 @@ def usage(
     """Chats per model and (UTC) day: requests, errors, tokens, median and p95 time to first byte."""
     start = _when(since, "--since") or datetime.now(UTC) - timedelta(days=days)
     end = _when(until, "--until")
-    records = _run(_local(lambda local: query_usage(local.engine, model=model, since=start, until=end)))
-    if not records:
+    summaries = _run(_local(lambda local: summarize_usage(local.engine, model=model, since=start, until=end)))
+    if not summaries:
         out.print("No chats recorded in that range.")
         return
     table = Table("model", "day", "requests", "errors", "prompt tokens", "completion tokens", "TTFB p50", "TTFB p95")
-    for day in summarize(records):
+    for day in summaries:
         table.add_row(
             day.model,
             day.day.isoformat(),
@@ -404,7 +518,7 @@ def keys_rotate() -> None:
             kid = keys.ring.current_kid
         return kid, await rotate_keys(local.engine, keys)
 
-    kid, count = _run(_local(go))
+    kid, count = _run(_local(go, writes=True))
     out.print(f"Current key is {kid}; re-encrypted {count} stored API key(s).", highlight=False)
 
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import statistics
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -292,38 +290,103 @@ class DaySummary:
     ttfb_p95: float | None
 
 
-def percentile(values: list[float], fraction: float) -> float | None:
-    """The nearest-rank percentile (a value that occurred), None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+def _filtered(query: sa.Select[Any], model: str | None, since: datetime | None, until: datetime | None) -> Any:
+    u = usage_table
+    if model is not None:
+        try:
+            query = query.where(u.c.model_id == uuid.UUID(model))
+        except ValueError:
+            query = query.where(u.c.model_id.in_(sa.select(models_table.c.id).where(models_table.c.name == model)))
+    if since is not None:
+        query = query.where(u.c.started_at >= as_utc(since))
+    if until is not None:
+        query = query.where(u.c.started_at < as_utc(until))
+    return query
 
 
-def _sum_known(values: list[int | None]) -> int | None:
-    known = [value for value in values if value is not None]
-    return sum(known) if known else None
+def _day(dialect: str) -> sa.ColumnElement[Any]:
+    """The (UTC) day of `started_at`: SQLite holds UTC text, PostgreSQL a timestamptz."""
+    if dialect == "sqlite":
+        return sa.func.substr(sa.type_coerce(usage_table.c.started_at, sa.String), 1, 10)
+    return sa.cast(sa.func.timezone("UTC", usage_table.c.started_at), sa.Date)
 
 
-def summarize(records: list[UsageRecord]) -> list[DaySummary]:
-    """Per model and day: requests, errors, tokens, median and p95 time to first byte."""
-    groups: dict[tuple[str, date], list[UsageRecord]] = defaultdict(list)
-    for record in records:
-        label = record.model_name or (str(record.model_id) if record.model_id else "(no model)")
-        groups[(label, record.started_at.date())].append(record)
+async def summarize_usage(
+    engine: AsyncEngine, *, model: str | None = None, since: datetime | None = None, until: datetime | None = None
+) -> list[DaySummary]:
+    """Per model and (UTC) day: requests, errors, tokens, and the nearest-rank median and p95 of
+    the time to first byte, all computed by the database (a report never loads every row)."""
+    u = usage_table
+    dialect = engine.dialect.name
+    day = _day(dialect).label("day")
+    failed = sa.and_(u.c.status >= 400, u.c.status != CLIENT_GONE)
+    columns = [
+        u.c.model_id,
+        day,
+        sa.func.count().label("requests"),
+        sa.func.sum(sa.case((failed, 1), else_=0)).label("errors"),
+        sa.func.sum(u.c.prompt_tokens).label("prompt_tokens"),
+        sa.func.sum(u.c.completion_tokens).label("completion_tokens"),
+    ]
+    if dialect == "postgresql":
+        columns += [
+            sa.func.percentile_disc(0.5).within_group(u.c.ttfb).label("p50"),
+            sa.func.percentile_disc(0.95).within_group(u.c.ttfb).label("p95"),
+        ]
+    totals = _filtered(sa.select(*columns), model, since, until).group_by(u.c.model_id, day)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(totals)).all()
+        if dialect == "postgresql":
+            ttfbs = {(row.model_id, row.day): (row.p50, row.p95) for row in rows}
+        else:
+            ttfbs = await _ranked_ttfbs(conn, day, model, since, until)
+        names = {row.id: row.name for row in await conn.execute(sa.select(models_table.c.id, models_table.c.name))}
     summaries = []
-    for (label, day), group in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
-        ttfbs = [r.ttfb for r in group if r.ttfb is not None]
+    for row in rows:
+        label = names.get(row.model_id) or (str(as_uuid(row.model_id)) if row.model_id is not None else "(no model)")
+        p50, p95 = ttfbs.get((row.model_id, row.day), (None, None))
         summaries.append(
             DaySummary(
                 model=label,
-                day=day,
-                requests=len(group),
-                errors=sum(1 for r in group if r.failed),
-                prompt_tokens=_sum_known([r.prompt_tokens for r in group]),
-                completion_tokens=_sum_known([r.completion_tokens for r in group]),
-                ttfb_p50=statistics.median(ttfbs) if ttfbs else None,
-                ttfb_p95=percentile(ttfbs, 0.95),
+                day=row.day if isinstance(row.day, date) else date.fromisoformat(row.day),
+                requests=row.requests,
+                errors=int(row.errors),
+                prompt_tokens=row.prompt_tokens,
+                completion_tokens=row.completion_tokens,
+                ttfb_p50=p50,
+                ttfb_p95=p95,
             )
         )
-    return summaries
+    return sorted(summaries, key=lambda summary: (summary.day, summary.model))
+
+
+async def _ranked_ttfbs(
+    conn: Any, day: sa.ColumnElement[Any], model: str | None, since: datetime | None, until: datetime | None
+) -> dict[tuple[Any, Any], tuple[float | None, float | None]]:
+    """SQLite has no percentile aggregate: number each group's times in order (a window
+    function) and keep the rows at the nearest ranks, ceil(0.5 n) and ceil(0.95 n), in integer
+    arithmetic because SQLite's ceil() is an optional build feature."""
+    u = usage_table
+    group = (u.c.model_id, day)
+    ranked = _filtered(
+        sa.select(
+            u.c.model_id,
+            day,
+            u.c.ttfb,
+            sa.func.row_number().over(partition_by=group, order_by=u.c.ttfb).label("rank"),
+            sa.func.count().over(partition_by=group).label("n"),
+        ).where(u.c.ttfb.is_not(None)),
+        model,
+        since,
+        until,
+    ).subquery()
+    p50_rank = (ranked.c.n + 1) // 2
+    p95_rank = (95 * ranked.c.n + 99) // 100
+    query = sa.select(
+        ranked.c.model_id,
+        ranked.c.day,
+        sa.func.max(sa.case((ranked.c.rank == p50_rank, ranked.c.ttfb))),
+        sa.func.max(sa.case((ranked.c.rank == p95_rank, ranked.c.ttfb))),
+    ).where(sa.or_(ranked.c.rank == p50_rank, ranked.c.rank == p95_rank))
+    rows = (await conn.execute(query.group_by(ranked.c.model_id, ranked.c.day))).all()
+    return {(row[0], row[1]): (row[2], row[3]) for row in rows}

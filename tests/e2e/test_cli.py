@@ -15,7 +15,7 @@ UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 def test_models_add_list_show_update_remove(gateway: ChatgateServer) -> None:
     added = gateway.cli(
         "models", "add", "--name", "cli-model", "--base-url", "http://127.0.0.1:9/v1",
-        "--model-id", "m1", "--api-key-env", "CLI_TEST_KEY", "--description", "from the CLI",
+        "--model-id", "m1", "--api-key-env", "CLI_TEST_KEY", "--description", "from the CLI", "--user", "admin",
         env_extra={"CLI_TEST_KEY": "sk-cli-secret-key-9876"},
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
