@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import sqlalchemy as sa
@@ -30,7 +31,7 @@ from chatgate.checks import CheckResult, Verdict, check_model
 from chatgate.config import Settings, load_settings
 from chatgate.errors import BadRequest, ChatgateError
 from chatgate.registry import ModelCreate, ModelRecord, ModelUpdate, Registry, parse_id, parse_input, rotate_keys
-from chatgate.runtime import build_registry, connect_redis, upstream_policy
+from chatgate.runtime import ADMIN_TOKEN_FILE, build_registry, connect_redis, upstream_policy
 from chatgate.security.crypto import KeyRing
 from chatgate.security.keys import Keys
 from chatgate.security.ssrf import GuardedResolver
@@ -497,6 +498,68 @@ def usage(
         )
     out.print(table)
     err.print("Tokens count the chats whose server reported them; errors exclude clients that went away.")
+
+
+# ----- chat ---------------------------------------------------------------------------------
+
+
+@app.command()
+def chat(
+    model: Annotated[str | None, typer.Argument(help="A model's name or id (without one: pick from a list).")] = None,
+    message: Annotated[
+        str | None, typer.Option("--message", "-m", help="Ask this once, print only the answer, and exit.")
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(envvar="CHATGATE_URL", help="The chatgate server (default: http://CHATGATE_HOST:CHATGATE_PORT)."),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="CHATGATE_TOKEN", help="API token (default: the admin-token file in CHATGATE_DATA_DIR)."),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default: the model's).")] = None,
+    history: Annotated[
+        Path | None, typer.Option(help="Where to keep the prompt history (default: ~/.local/state/chatgate/).")
+    ] = None,
+) -> None:
+    """Chat with a model through a running chatgate: interactive on a terminal, or one question
+    with -m or on stdin (`cat notes.txt | chatgate chat MODEL`), for scripts."""
+    from chatgate.chat_cli import Conversation, interactive, one_shot, pick_model
+    from chatgate.chat_client import ChatClient, ChatFailed
+
+    settings = _settings()
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104 - a bind-all address
+    base = url or f"http://{host}:{settings.port}"
+    if token is None:
+        path = settings.data_dir / ADMIN_TOKEN_FILE
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            raise _fail(f"no token: give --token or set CHATGATE_TOKEN (no {path} to read here)", 2) from None
+    if message is None and not sys.stdin.isatty():
+        message = sys.stdin.read()
+        if not message.strip():
+            raise _fail("nothing to ask: stdin was empty", 2)
+    console = Console()
+    client = ChatClient(base, token)
+    try:
+        if message is not None:
+            if model is None:
+                raise _fail("say which model to ask: chatgate chat MODEL -m TEXT", 2)
+            code = one_shot(client, Conversation(model, system, temperature), message, console)
+        else:
+            if model is None:
+                model = pick_model(client, console, input)
+            default = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "chatgate"
+            code = interactive(
+                client, Conversation(model, system, temperature), console, history or default / "history"
+            )
+    except ChatFailed as exc:
+        raise _fail(exc.message) from None
+    finally:
+        client.close()
+    raise typer.Exit(code)
 
 
 # ----- keys ---------------------------------------------------------------------------------
