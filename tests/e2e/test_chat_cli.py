@@ -192,3 +192,65 @@ def test_one_shot_failures_exit_non_zero_in_plain_words(gateway: ChatgateServer,
 
     for result in (missing, failed, down, refused):
         assert "Traceback" not in result.stderr
+
+
+def test_slash_commands_change_what_the_next_request_carries(
+    gateway: ChatgateServer, fake: FakeUpstream, terminal: list[pexpect.spawn], tmp_path: Path
+) -> None:
+    name, other = registered(gateway, fake), registered(gateway, fake)
+    fake.script(name, [scripts.stream("First."), scripts.stream("Again.")])
+    fake.script(other, scripts.stream("From the other."))
+    chat = spawn(terminal, gateway, tmp_path, name)
+
+    chat.sendline("/temperature 0.25")
+    chat.expect_exact(PROMPT)
+    chat.sendline("question one")
+    chat.expect("First.")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/retry")
+    chat.expect("Again.")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/clear")
+    chat.expect("Conversation cleared")
+    chat.sendline(f"/model {other}")
+    chat.expect(f"Now chatting with {other}")
+    chat.expect_exact(PROMPT)
+    chat.sendline("question two")
+    chat.expect("From the other.")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/help")
+    chat.expect("/save FILE")
+    chat.sendline("/nonsense")
+    chat.expect("Unknown command /nonsense")
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+
+    first, retried = fake.wait_for_requests(name, 2)
+    assert first["body"]["temperature"] == 0.25
+    assert first["body"]["messages"] == retried["body"]["messages"] == [{"role": "user", "content": "question one"}]
+    (switched,) = fake.requests(other)
+    assert switched["body"]["messages"] == [{"role": "user", "content": "question two"}]  # cleared
+    assert switched["body"]["model"] == other and switched["body"]["temperature"] == 0.25
+
+
+def test_without_a_model_the_chat_offers_a_pick(
+    gateway: ChatgateServer, fake: FakeUpstream, terminal: list[pexpect.spawn], tmp_path: Path
+) -> None:
+    name = registered(gateway, fake)
+    fake.script(name, scripts.stream("Picked."))
+    env = {**gateway.env, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1", "NO_COLOR": "1"}
+    argv = ["-m", "chatgate", "chat", "--url", gateway.url, "--token", gateway.admin_token]
+    chat = pexpect.spawn(
+        sys.executable, [*argv, "--history", str(tmp_path / "h")], env=env, encoding="utf-8", timeout=30
+    )
+    terminal.append(chat)
+    chat.expect(name)  # listed
+    chat.expect_exact("Model (number or name): ")
+    chat.sendline(name)
+    chat.expect(f"Chatting with {name}")
+    chat.expect_exact(PROMPT)
+    chat.sendline("hi")
+    chat.expect("Picked.")
+    chat.expect_exact(PROMPT)
+    chat.sendeof()
+    chat.expect(pexpect.EOF)
