@@ -9,6 +9,7 @@ prints the answer alone and exits 1 with the error on stderr when it fails.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from rich.live import Live
 from rich.markdown import Markdown
 
 from chatgate.chat_client import Answer, ChatClient, ChatFailed
+from chatgate.config import Settings
+from chatgate.runtime import ADMIN_TOKEN_FILE
 
 PROMPT = "you> "
 HELP = """\
@@ -58,6 +61,46 @@ class Conversation:
         for turn in self.turns:
             lines += [f"## {'You' if turn['role'] == 'user' else self.model}", "", turn["content"], ""]
         return "\n".join(lines)
+
+
+def start(
+    settings: Settings,
+    model: str | None,
+    message: str | None,
+    *,
+    url: str | None,
+    token: str | None,
+    system: str | None,
+    temperature: float | None,
+    history: Path | None,
+) -> int:
+    """`chatgate chat`: one question (`message`, or stdin when it is not a terminal) or the
+    interactive chat; returns the exit status, raises `ChatFailed` with the words to print."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104 - a bind-all address
+    if token is None:
+        path = settings.data_dir / ADMIN_TOKEN_FILE
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            raise ChatFailed(f"no token: give --token or set CHATGATE_TOKEN (no {path} to read here)", code=2) from None
+    if message is None and not sys.stdin.isatty():
+        message = sys.stdin.read()
+        if not message.strip():
+            raise ChatFailed("nothing to ask: stdin was empty", code=2)
+    if message is not None and model is None:
+        raise ChatFailed("say which model to ask: chatgate chat MODEL -m TEXT", code=2)
+    console = Console()
+    client = ChatClient(url or f"http://{host}:{settings.port}", token)
+    try:
+        if message is not None:
+            assert model is not None
+            return one_shot(client, Conversation(model, system, temperature), message, console)
+        if model is None:
+            model = pick_model(client, console, input)
+        state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "chatgate"
+        return interactive(client, Conversation(model, system, temperature), console, history or state / "history")
+    finally:
+        client.close()
 
 
 def one_shot(client: ChatClient, conversation: Conversation, message: str, console: Console) -> int:

@@ -19,9 +19,10 @@ import orjson
 class ChatFailed(Exception):
     """Why a chat (or listing the models) failed, in words for the person at the terminal."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, code: int = 1) -> None:
         super().__init__(message)
         self.message = message
+        self.code = code  # the exit status: 2 for a usage mistake, 1 for a failure
 
 
 @dataclass

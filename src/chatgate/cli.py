@@ -5,35 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import sqlalchemy as sa
 import typer
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate import __version__
 from chatgate.accounts import Accounts, User
-from chatgate.cachebus import CacheBus
 from chatgate.checks import CheckResult, Verdict, check_model
 from chatgate.config import Settings, load_settings
 from chatgate.errors import BadRequest, ChatgateError
-from chatgate.registry import ModelCreate, ModelRecord, ModelUpdate, Registry, parse_id, parse_input, rotate_keys
-from chatgate.runtime import ADMIN_TOKEN_FILE, build_registry, connect_redis, upstream_policy
-from chatgate.security.crypto import KeyRing
-from chatgate.security.keys import Keys
+from chatgate.local import Local, run_local
+from chatgate.registry import ModelCreate, ModelRecord, ModelUpdate, parse_id, parse_input, rotate_keys
+from chatgate.runtime import upstream_policy
 from chatgate.security.ssrf import GuardedResolver
 from chatgate.store import db
 from chatgate.upstream.client import UpstreamClient
@@ -83,76 +73,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise _fail(f"cannot open the database: {exc.strerror or exc}") from None
 
 
-@dataclass
-class Local:
-    """The database, opened by a CLI command for the length of one action."""
-
-    settings: Settings
-    engine: AsyncEngine
-    keys: Keys
-    bus: CacheBus | None = None
-
-    @property
-    def registry(self) -> Registry:
-        # With Redis, running servers hear of the change at once (else within their cache TTL).
-        return build_registry(self.settings, self.engine, self.keys, self.bus.publish if self.bus else None)
-
-    @property
-    def accounts(self) -> Accounts:
-        return Accounts(self.engine)
-
-
-class NoDatabase(ChatgateError):
-    """The command needs a database that `chatgate serve` or `chatgate db upgrade` makes."""
-
-
-_START_HINT = "start the server with `chatgate serve` (it creates one) or run `chatgate db upgrade`"
-
-
-async def _schema_ready(engine: AsyncEngine, shown: str) -> None:
-    """Refuse a database without chatgate's tables, or with an older schema, without changing it."""
-
-    def revisions(conn: sa.Connection) -> tuple[str | None, str | None]:
-        current = MigrationContext.configure(conn).get_current_revision()
-        head = ScriptDirectory(str(resources.files("chatgate.store") / "migrations")).get_current_head()
-        return current, head
-
-    async with engine.connect() as conn:
-        current, head = await conn.run_sync(revisions)
-    if current is None:
-        raise NoDatabase(f"the database {shown} has no chatgate tables yet: {_START_HINT}")
-    if current != head:
-        raise NoDatabase(f"the database {shown} needs an upgrade: run `chatgate db upgrade`")
-
-
-def _keys(settings: Settings, *, writes: bool) -> Keys:
-    """The key ring; a read-only command does not create a missing key file (with none, no stored
-    key was encrypted by this installation: a throwaway ring stands in and decrypts nothing)."""
-    secret = settings.secret_key.get_secret_value()
-    if secret or writes or (settings.data_dir / "chatgate.key").exists():
-        return Keys.from_settings(settings)
-    return Keys(KeyRing(secrets.token_bytes(32)), encrypt_writes=settings.encrypt_api_keys)
-
-
 async def _local(action: Callable[[Local], Awaitable[T]], *, writes: bool = False) -> T:
-    """Run `action` on the existing database. Only `serve` and `db upgrade` migrate, only `serve`
-    creates the first admin: a command never surprises with a new database or user."""
-    settings = _settings()
-    shown = make_url(settings.database_url).render_as_string(hide_password=True)
-    path = db.sqlite_path(settings.database_url)
-    if path is not None and not path.exists():
-        raise NoDatabase(f"no database at {path}: {_START_HINT}")
-    engine = db.create_engine(settings.database_url)
-    redis = connect_redis(settings) if settings.redis_url and writes else None
-    try:
-        await _schema_ready(engine, shown)
-        bus = CacheBus(redis, prefix=settings.redis_prefix) if redis is not None else None
-        local = Local(settings, engine, _keys(settings, writes=writes), bus)
-        return await action(local)
-    finally:
-        if redis is not None:
-            await redis.aclose()
-        await engine.dispose()
+    return await run_local(_settings(), action, writes=writes)
 
 
 def _parse(schema: type[M], data: dict[str, Any]) -> M:
@@ -525,40 +447,15 @@ def chat(
 ) -> None:
     """Chat with a model through a running chatgate: interactive on a terminal, or one question
     with -m or on stdin (`cat notes.txt | chatgate chat MODEL`), for scripts."""
-    from chatgate.chat_cli import Conversation, interactive, one_shot, pick_model
-    from chatgate.chat_client import ChatClient, ChatFailed
+    from chatgate.chat_cli import start
+    from chatgate.chat_client import ChatFailed
 
-    settings = _settings()
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104 - a bind-all address
-    base = url or f"http://{host}:{settings.port}"
-    if token is None:
-        path = settings.data_dir / ADMIN_TOKEN_FILE
-        try:
-            token = path.read_text().strip()
-        except OSError:
-            raise _fail(f"no token: give --token or set CHATGATE_TOKEN (no {path} to read here)", 2) from None
-    if message is None and not sys.stdin.isatty():
-        message = sys.stdin.read()
-        if not message.strip():
-            raise _fail("nothing to ask: stdin was empty", 2)
-    console = Console()
-    client = ChatClient(base, token)
     try:
-        if message is not None:
-            if model is None:
-                raise _fail("say which model to ask: chatgate chat MODEL -m TEXT", 2)
-            code = one_shot(client, Conversation(model, system, temperature), message, console)
-        else:
-            if model is None:
-                model = pick_model(client, console, input)
-            default = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "chatgate"
-            code = interactive(
-                client, Conversation(model, system, temperature), console, history or default / "history"
-            )
+        code = start(
+            _settings(), model, message, url=url, token=token, system=system, temperature=temperature, history=history
+        )
     except ChatFailed as exc:
-        raise _fail(exc.message) from None
-    finally:
-        client.close()
+        raise _fail(exc.message, exc.code) from None
     raise typer.Exit(code)
 
 
