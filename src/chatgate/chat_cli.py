@@ -46,6 +46,7 @@ class Conversation:
     system: str | None = None
     temperature: float | None = None
     turns: list[dict[str, str]] = field(default_factory=list)
+    unanswered: str | None = None  # the last question, when its answer failed
 
     def payload(self) -> dict[str, Any]:
         messages = [{"role": "system", "content": self.system}] if self.system else []
@@ -186,12 +187,14 @@ def _answer(client: ChatClient, conversation: Conversation, console: Console) ->
         answer.stopped = True
     except ChatFailed as exc:
         console.print(f"[red]error:[/] {exc.message}", highlight=False)
-        conversation.turns.pop()  # the question was not answered: /retry or a new one asks again
+        # Not answered: out of the conversation, but kept for /retry.
+        conversation.unanswered = conversation.turns.pop()["content"]
         return
     if answer.text:
         conversation.turns.append({"role": "assistant", "content": answer.text})
-    else:
-        conversation.turns.pop()
+        conversation.unanswered = None
+    else:  # stopped before any text
+        conversation.unanswered = conversation.turns.pop()["content"]
     console.print(f"[dim]{answer.status_line()}[/]", highlight=False)
 
 
@@ -233,10 +236,13 @@ def _command(
             console.print(f"Not a number: {argument}", highlight=False)
     elif name == "/clear":
         conversation.turns.clear()
+        conversation.unanswered = None
         console.print("Conversation cleared.")
     elif name == "/retry":
         while conversation.turns and conversation.turns[-1]["role"] == "assistant":
             conversation.turns.pop()
+        if conversation.unanswered is not None:
+            conversation.turns.append({"role": "user", "content": conversation.unanswered})
         if not conversation.turns:
             console.print("Nothing to retry yet.")
         else:

@@ -148,6 +148,9 @@ class ChatClient:
         code = str(error.get("code") or "")
         if code == "invalid_credentials":  # chatgate's own 401, not a model server's
             return f"the token was refused ({message}): give another with --token or CHATGATE_TOKEN"
-        if code.startswith("upstream") or error.get("type") == "upstream_error":
+        if code in ("service_unavailable", "internal_error"):  # chatgate's own failures
+            return f"chatgate failed ({status}): {message}"
+        if status >= 500 or code.startswith("upstream") or error.get("type") == "upstream_error":
+            # An upstream's own OpenAI-shaped error is passed through as it came: its status says it.
             return f"the model server failed ({status}): {message}"
         return f"{message} ({status})"

@@ -138,6 +138,7 @@ def test_save_writes_the_conversation_as_markdown(
     chat.expect_exact(PROMPT)
     chat.sendline("What is the answer?")
     chat.expect("is 42")
+    assert "**" not in chat.before  # rendered as Markdown, not shown as typed
     chat.expect_exact(PROMPT)
     chat.sendline("/save transcript.md")
     chat.expect("Saved to transcript.md")
@@ -254,3 +255,24 @@ def test_without_a_model_the_chat_offers_a_pick(
     chat.expect_exact(PROMPT)
     chat.sendeof()
     chat.expect(pexpect.EOF)
+
+
+def test_an_error_is_said_in_plain_words_and_the_chat_goes_on(
+    gateway: ChatgateServer, fake: FakeUpstream, terminal: list[pexpect.spawn], tmp_path: Path
+) -> None:
+    name = registered(gateway, fake)
+    fake.script(name, [scripts.error(500, "the GPU caught fire"), scripts.stream("Better now.")])
+    chat = spawn(terminal, gateway, tmp_path, name)
+
+    chat.sendline("hello")
+    chat.expect("error: the model server failed")
+    chat.expect("the GPU caught fire")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/retry")
+    chat.expect("Better now.")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+    assert "Traceback" not in chat.before
+    second = fake.wait_for_requests(name, 2)[1]
+    assert second["body"]["messages"] == [{"role": "user", "content": "hello"}]
