@@ -6,7 +6,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,10 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.store import db
+from chatgate.store.schema import models as models_table
 from chatgate.store.schema import usage as usage_table
 from chatgate.trace import ChatTrace
-from chatgate.usage import COLUMNS, UsageRecord, UsageRecorder, percentile, query_usage, row_encoder, summarize
+from chatgate.usage import COLUMNS, UsageRecord, UsageRecorder, query_usage, row_encoder, summarize_usage
 
 
 def run(tmp_path: Path, body: Callable[[AsyncEngine], Awaitable[Any]], *, migrate: bool = True) -> Any:
@@ -186,43 +187,78 @@ def test_count_tokens_takes_only_integers() -> None:
     assert (trace.prompt_tokens, trace.completion_tokens) == (4, 6)
 
 
-def record(
-    model: str, started: datetime, status: int = 200, ttfb: float | None = 0.1, tokens: int | None = 1
-) -> UsageRecord:
-    return UsageRecord(
-        request_id=uuid.uuid4().hex,
-        endpoint="/v1/chat/completions",
-        model_id=None,
-        model_name=model,
-        user_id=None,
-        started_at=started,
-        status=status,
-        ttfb=ttfb,
-        duration=1.0,
-        prompt_tokens=tokens,
-        completion_tokens=tokens,
-        bytes_out=0,
-        client_gone=status == 499,
-        error=None,
-    )
+def usage_row(
+    model: uuid.UUID | None, started: datetime, status: int = 200, ttfb: float | None = 0.1, tokens: int | None = 1
+) -> dict[str, Any]:
+    return {
+        "request_id": uuid.uuid4().hex,
+        "endpoint": "/v1/chat/completions",
+        "model_id": model,
+        "user_id": None,
+        "started_at": started,
+        "status": status,
+        "ttfb": ttfb,
+        "duration": 1.0,
+        "prompt_tokens": tokens,
+        "completion_tokens": tokens,
+        "bytes_out": 0,
+        "client_gone": status == 499,
+        "error": None,
+    }
 
 
-def test_summary_per_model_and_day() -> None:
+def test_summary_per_model_and_day_in_sql(database_url: str) -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
     day = datetime(2025, 3, 1, 12, tzinfo=UTC)
-    records = [record("a", day, ttfb=t / 100) for t in range(1, 21)]
-    records += [record("a", day, status=502, ttfb=None, tokens=None), record("a", day, status=499)]
-    records += [record("b", day), record("a", day + timedelta(days=1), tokens=None)]
-    first, second, third = summarize(records)
-    assert (first.model, first.day.isoformat(), first.requests, first.errors) == ("a", "2025-03-01", 22, 1)
+    rows = [usage_row(a, day, ttfb=t / 100) for t in range(1, 21)]
+    rows += [usage_row(a, day, status=502, ttfb=None, tokens=None), usage_row(a, day, status=499)]
+    # 23:30 at UTC-2 is the next day in UTC: days are UTC days (chatgate writes times in UTC).
+    rows += [
+        usage_row(b, day),
+        usage_row(a, datetime(2025, 3, 1, 23, 30, tzinfo=timezone(timedelta(hours=-2))).astimezone(UTC), tokens=None),
+    ]
+
+    async def go(engine: AsyncEngine) -> Any:
+        await db.upgrade(engine)
+        async with engine.begin() as conn:
+            await conn.execute(usage_table.insert(), rows)
+            await conn.execute(
+                models_table.insert(),
+                [
+                    {
+                        "id": a,
+                        "user_id": uuid.uuid4(),
+                        "api_key": "",
+                        "base_url": "",
+                        "description": "",
+                        "model_id": "m",
+                        "name": "model-a",
+                    }
+                ],
+            )
+        return await summarize_usage(engine), await summarize_usage(engine, model=str(b))
+
+    summaries, only_b = _with_engine(database_url, go)
+    by_key = {(s.model, s.day.isoformat()): s for s in summaries}
+    assert set(by_key) == {("model-a", "2025-03-01"), (str(b), "2025-03-01"), ("model-a", "2025-03-02")}
+    first = by_key["model-a", "2025-03-01"]
+    assert (first.requests, first.errors) == (22, 1)
     assert (first.prompt_tokens, first.completion_tokens) == (21, 21)
-    assert first.ttfb_p50 == pytest.approx(0.1)  # median of 0.01..0.20 and 0.1
-    assert first.ttfb_p95 == pytest.approx(0.19)
-    assert (second.model, second.requests) == ("b", 1)
-    assert (third.day.isoformat(), third.prompt_tokens, third.completion_tokens) == ("2025-03-02", None, None)
+    assert first.ttfb_p50 == pytest.approx(0.1)  # nearest rank 11 of 0.01..0.20 and 0.1
+    assert first.ttfb_p95 == pytest.approx(0.19)  # nearest rank 20 of 21
+    assert by_key[str(b), "2025-03-01"].requests == 1
+    later = by_key["model-a", "2025-03-02"]
+    assert (later.requests, later.prompt_tokens, later.completion_tokens) == (1, None, None)
+    assert [(s.model, s.requests) for s in only_b] == [(str(b), 1)]
+    assert [s.day for s in summaries] == sorted(s.day for s in summaries)
 
 
-def test_percentile_is_a_value_that_occurred() -> None:
-    assert percentile([], 0.95) is None
-    assert percentile([3.0], 0.95) == 3.0
-    assert percentile([float(v) for v in range(1, 101)], 0.95) == 95.0
-    assert percentile([float(v) for v in range(1, 101)], 0.5) == 50.0
+def _with_engine(url: str, body: Callable[[AsyncEngine], Awaitable[Any]]) -> Any:
+    async def go() -> Any:
+        engine = db.create_engine(url)
+        try:
+            return await body(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())

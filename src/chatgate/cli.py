@@ -7,25 +7,27 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatgate.accounts import Accounts
-from chatgate.cachebus import CacheBus
+from chatgate import __version__
+from chatgate.accounts import Accounts, User
+from chatgate.checks import CheckResult, Verdict, check_model
 from chatgate.config import Settings, load_settings
-from chatgate.errors import ChatgateError
-from chatgate.registry import ModelCreate, ModelRecord, ModelUpdate, Registry, parse_id, parse_input, rotate_keys
-from chatgate.runtime import bootstrap_admin, build_registry, connect_redis
-from chatgate.security.keys import Keys
+from chatgate.errors import BadRequest, ChatgateError
+from chatgate.local import Local, run_local
+from chatgate.registry import ModelCreate, ModelRecord, ModelUpdate, parse_id, parse_input, rotate_keys
+from chatgate.runtime import upstream_policy
+from chatgate.security.ssrf import GuardedResolver
 from chatgate.store import db
-from chatgate.usage import query_usage, summarize
+from chatgate.upstream.client import UpstreamClient
+from chatgate.usage import summarize_usage
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -71,39 +73,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise _fail(f"cannot open the database: {exc.strerror or exc}") from None
 
 
-@dataclass
-class Local:
-    """The database, opened by a CLI command for the length of one action."""
-
-    settings: Settings
-    engine: AsyncEngine
-    keys: Keys
-    bus: CacheBus | None = None
-
-    @property
-    def registry(self) -> Registry:
-        # With Redis, running servers hear of the change at once (else within their cache TTL).
-        return build_registry(self.settings, self.engine, self.keys, self.bus.publish if self.bus else None)
-
-    @property
-    def accounts(self) -> Accounts:
-        return Accounts(self.engine)
-
-
-async def _local(action: Callable[[Local], Awaitable[T]]) -> T:
-    settings = _settings()
-    engine = db.create_engine(settings.database_url)
-    redis = connect_redis(settings) if settings.redis_url else None
-    try:
-        await db.upgrade(engine)
-        bus = CacheBus(redis, prefix=settings.redis_prefix) if redis is not None else None
-        local = Local(settings, engine, Keys.from_settings(settings), bus)
-        await bootstrap_admin(settings, local.accounts)
-        return await action(local)
-    finally:
-        if redis is not None:
-            await redis.aclose()
-        await engine.dispose()
+async def _local(action: Callable[[Local], Awaitable[T]], *, writes: bool = False) -> T:
+    return await run_local(_settings(), action, writes=writes)
 
 
 def _parse(schema: type[M], data: dict[str, Any]) -> M:
@@ -123,6 +94,21 @@ def _api_key(api_key: str | None, api_key_env: str | None) -> str | None:
             raise _fail(f"environment variable {api_key_env} is not set", 2)
         return value
     return api_key
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"chatgate {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """chatgate: a gateway for chatting with your own models."""
 
 
 # ----- serve and db -------------------------------------------------------------------------
@@ -196,7 +182,9 @@ def models_add(
     description: Annotated[str, typer.Option(help="Free text (at most 500 characters).")] = "",
     context_length: Annotated[int, typer.Option(help="Context window in tokens.")] = 4096,
     sharing: Annotated[str, typer.Option(help="private, public or unlisted.")] = "private",
-    user: Annotated[str, typer.Option(help="The owner (a chatgate user name).")] = "admin",
+    user: Annotated[
+        str | None, typer.Option(help="The owner (a chatgate user name); default: the admin, when there is one only.")
+    ] = None,
 ) -> None:
     """Register a model; prints its id."""
     data = _parse(
@@ -213,10 +201,20 @@ def models_add(
     )
 
     async def go(local: Local) -> ModelRecord:
-        owner = await local.accounts.user(user)
+        owner = await local.accounts.user(user) if user is not None else await _only_admin(local.accounts)
         return await local.registry.create(owner.id, data)
 
-    out.print(str(_run(_local(go)).id), highlight=False)
+    out.print(str(_run(_local(go, writes=True)).id), highlight=False)
+
+
+async def _only_admin(accounts: Accounts) -> User:
+    admins = [user for user in await accounts.users() if user.is_admin]
+    if len(admins) == 1:
+        return admins[0]
+    if not admins:
+        raise BadRequest("there is no admin to own the model: give --user NAME (see `chatgate users list`)")
+    names = ", ".join(user.name for user in admins)
+    raise BadRequest(f"there are {len(admins)} admins ({names}): say which owns the model with --user NAME")
 
 
 @models_app.command("list")
@@ -258,14 +256,18 @@ def models_show(model_id: Annotated[str, typer.Argument(help="The model's id.")]
 @models_app.command("update")
 def models_update(
     model_id: Annotated[str, typer.Argument(help="The model's id.")],
-    name: Annotated[str | None, typer.Option()] = None,
-    base_url: Annotated[str | None, typer.Option()] = None,
+    name: Annotated[str | None, typer.Option(help="New display name (at most 100 characters).")] = None,
+    base_url: Annotated[str | None, typer.Option(help="New OpenAI-compatible base URL.")] = None,
     upstream_model: Annotated[str | None, typer.Option("--model-id", help="The upstream model id.")] = None,
-    api_key: Annotated[str | None, typer.Option()] = None,
-    api_key_env: Annotated[str | None, typer.Option()] = None,
-    description: Annotated[str | None, typer.Option()] = None,
-    context_length: Annotated[int | None, typer.Option()] = None,
-    sharing: Annotated[str | None, typer.Option()] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="New API key (--api-key-env keeps it out of shell history).")
+    ] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Read the new API key from this environment variable.")
+    ] = None,
+    description: Annotated[str | None, typer.Option(help="New free text (at most 500 characters).")] = None,
+    context_length: Annotated[int | None, typer.Option(help="New context window in tokens.")] = None,
+    sharing: Annotated[str | None, typer.Option(help="private, public or unlisted.")] = None,
 ) -> None:
     """Change the given fields of a model."""
     fields = {
@@ -281,14 +283,49 @@ def models_update(
     if not given:
         raise _fail("nothing to change: give at least one option (see --help)", 2)
     data = _parse(ModelUpdate, given)
-    _show(_run(_local(lambda local: local.registry.update(parse_id(model_id), data))))
+    _show(_run(_local(lambda local: local.registry.update(parse_id(model_id), data), writes=True)))
 
 
 @models_app.command("remove")
 def models_remove(model_id: Annotated[str, typer.Argument(help="The model's id.")]) -> None:
     """Delete a model."""
-    _run(_local(lambda local: local.registry.delete(parse_id(model_id))))
+    _run(_local(lambda local: local.registry.delete(parse_id(model_id)), writes=True))
     out.print(f"Removed model {model_id}", highlight=False)
+
+
+@models_app.command("check")
+def models_check(
+    model_id: Annotated[str, typer.Argument(help="The model's id.")],
+    timeout: Annotated[float, typer.Option(help="Seconds each request may take.", min=0.1)] = 30.0,
+) -> None:
+    """Ask the model's server for its model list and a one-token chat, and say how it went.
+
+    Exit status: 0 the model answered and its server lists it; 3 it answered but is not in the
+    list (or the list failed); 1 it did not answer."""
+
+    async def go(local: Local) -> CheckResult:
+        record = await local.registry.for_chat(parse_id(model_id))
+        upstream = UpstreamClient(local.settings, GuardedResolver(upstream_policy(local.settings)))
+        await upstream.start()
+        try:
+            return await check_model(upstream, local.settings, record, wait=timeout)
+        finally:
+            await upstream.close()
+
+    result = _run(_local(go))
+    models, chat = result.models, result.chat
+    if not models.ok:
+        listed = f"failed: {models.error}"
+    elif result.listed:
+        listed = f"ok, lists {result.model_id}"
+    else:
+        listed = f"does not list {result.model_id}"
+    out.print(f"model list      {_ms(models.latency):>9}  {listed}", highlight=False)
+    out.print(
+        f"one-token chat  {_ms(chat.latency):>9}  {'ok' if chat.ok else 'failed: ' + str(chat.error)}", highlight=False
+    )
+    out.print(f"verdict: {result.verdict}", highlight=False)
+    raise typer.Exit({Verdict.OK: 0, Verdict.WARNING: 3, Verdict.FAILED: 1}[result.verdict])
 
 
 # ----- users and tokens ---------------------------------------------------------------------
@@ -300,7 +337,7 @@ def users_add(
     admin: Annotated[bool, typer.Option("--admin", help="May manage every model.")] = False,
 ) -> None:
     """Add a user (then give them a token with `chatgate tokens create --user NAME`)."""
-    user = _run(_local(lambda local: local.accounts.add_user(name, is_admin=admin)))
+    user = _run(_local(lambda local: local.accounts.add_user(name, is_admin=admin), writes=True))
     out.print(f"Added user {user.name} ({'admin' if user.is_admin else 'user'}), id {user.id}", highlight=False)
 
 
@@ -318,7 +355,7 @@ def users_list() -> None:
 @tokens_app.command("create")
 def tokens_create(user: Annotated[str, typer.Option(help="The user the token acts as.")]) -> None:
     """Create an API token; it is printed once and cannot be shown again."""
-    info, token = _run(_local(lambda local: local.accounts.create_token(user)))
+    info, token = _run(_local(lambda local: local.accounts.create_token(user), writes=True))
     err.print(f"Token {info.id} for {info.user} (shown once, keep it safe):", highlight=False)
     out.print(token, highlight=False, soft_wrap=True)
 
@@ -336,7 +373,7 @@ def tokens_list(user: Annotated[str | None, typer.Option(help="Only this user's 
 @tokens_app.command("revoke")
 def tokens_revoke(token: Annotated[str, typer.Argument(help="The token's id (or its prefix).")]) -> None:
     """Revoke a token: it stops working at once."""
-    info = _run(_local(lambda local: local.accounts.revoke(token)))
+    info = _run(_local(lambda local: local.accounts.revoke(token), writes=True))
     out.print(f"Revoked token {info.id} ({info.prefix}…) of {info.user}", highlight=False)
 
 
@@ -371,12 +408,12 @@ def usage(
     """Chats per model and (UTC) day: requests, errors, tokens, median and p95 time to first byte."""
     start = _when(since, "--since") or datetime.now(UTC) - timedelta(days=days)
     end = _when(until, "--until")
-    records = _run(_local(lambda local: query_usage(local.engine, model=model, since=start, until=end)))
-    if not records:
+    summaries = _run(_local(lambda local: summarize_usage(local.engine, model=model, since=start, until=end)))
+    if not summaries:
         out.print("No chats recorded in that range.")
         return
     table = Table("model", "day", "requests", "errors", "prompt tokens", "completion tokens", "TTFB p50", "TTFB p95")
-    for day in summarize(records):
+    for day in summaries:
         table.add_row(
             day.model,
             day.day.isoformat(),
@@ -389,6 +426,43 @@ def usage(
         )
     out.print(table)
     err.print("Tokens count the chats whose server reported them; errors exclude clients that went away.")
+
+
+# ----- chat ---------------------------------------------------------------------------------
+
+
+@app.command()
+def chat(
+    model: Annotated[str | None, typer.Argument(help="A model's name or id (without one: pick from a list).")] = None,
+    message: Annotated[
+        str | None, typer.Option("--message", "-m", help="Ask this once, print only the answer, and exit.")
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(envvar="CHATGATE_URL", help="The chatgate server (default: http://CHATGATE_HOST:CHATGATE_PORT)."),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="CHATGATE_TOKEN", help="API token (default: the admin-token file in CHATGATE_DATA_DIR)."),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default: the model's).")] = None,
+    history: Annotated[
+        Path | None, typer.Option(help="Where to keep the prompt history (default: ~/.local/state/chatgate/).")
+    ] = None,
+) -> None:
+    """Chat with a model through a running chatgate: interactive on a terminal, or one question
+    with -m or on stdin (`cat notes.txt | chatgate chat MODEL`), for scripts."""
+    from chatgate.chat_cli import start
+    from chatgate.chat_client import ChatFailed
+
+    try:
+        code = start(
+            _settings(), model, message, url=url, token=token, system=system, temperature=temperature, history=history
+        )
+    except ChatFailed as exc:
+        raise _fail(exc.message, exc.code) from None
+    raise typer.Exit(code)
 
 
 # ----- keys ---------------------------------------------------------------------------------
@@ -410,7 +484,7 @@ def keys_rotate() -> None:
             kid = keys.ring.current_kid
         return kid, await rotate_keys(local.engine, keys)
 
-    kid, count = _run(_local(go))
+    kid, count = _run(_local(go, writes=True))
     out.print(f"Current key is {kid}; re-encrypted {count} stored API key(s).", highlight=False)
 
 

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatgate import __version__
 from chatgate.api import chat_openai
+from chatgate.checks import check_model
 from chatgate.errors import ChatgateError, NotFound, ValidationFailed
 from chatgate.metrics import CONTENT_TYPE_LATEST
 from chatgate.registry import ModelCreate, ModelRecord, ModelUpdate, parse_id
@@ -151,6 +152,14 @@ def build_control_app() -> FastAPI:
         record = await _managed(runtime, principal, model_id)
         await runtime.registry.delete(record.id)
         return Response(status_code=204)
+
+    @app.post("/api/models/{model_id}/check", tags=["models"])
+    async def check(model_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
+        """Ask the model's server for its model list and a one-token chat: latency of each, whether
+        the server lists the model, and the error otherwise (`verdict`: ok, warning or failed)."""
+        record = await runtime.model_for_chat(principal, parse_id(model_id))
+        result = await check_model(runtime.upstream, runtime.settings, record)
+        return result.public()
 
     @app.get("/v1/models", tags=["openai"])
     async def openai_models(runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from importlib import resources
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -199,7 +202,28 @@ def create_engine(url: str, *, timeout: float = 5.0, pool_size: int = 10) -> Asy
     engine = create_async_engine(target, hide_parameters=True, **kwargs)
     if target.get_backend_name() == "sqlite":
         sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        path = sqlite_path(url)
+        if path is not None:
+            sa.event.listen(engine.sync_engine, "do_connect", lambda *_: _create_private(path))
     return GuardedEngine(engine.sync_engine, timeout if postgres else None)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file a SQLite URL names; None for another backend, an in-memory database or a URI filename."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _create_private(path: Path) -> None:
+    # The database holds token hashes and API keys: create it owner-only (0600), like the key
+    # file, before SQLite creates it with the umask's mode. Its -wal and -shm files take the
+    # database file's mode. An existing file is left as it is.
+    # There already, or no such directory (which SQLite reports in its own words): nothing to do.
+    with contextlib.suppress(FileExistsError, FileNotFoundError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
