@@ -1,4 +1,4 @@
-"""The OpenAI dialect's pure parts (api/chat_openai.py): error shapes and model ids."""
+"""The OpenAI shapes (api/openai_shapes.py, used by api/chat_openai.py): error shapes and model ids."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from chatgate.api.chat_openai import model_ids, render_error
+from chatgate.api.openai_shapes import model_ids, render_error
 from chatgate.errors import (
     AmbiguousModel,
     ChatgateError,

@@ -290,8 +290,16 @@ class DaySummary:
     ttfb_p95: float | None
 
 
-def _filtered(query: sa.Select[Any], model: str | None, since: datetime | None, until: datetime | None) -> Any:
+def _filtered(
+    query: sa.Select[Any],
+    model: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    user_id: uuid.UUID | None = None,
+) -> Any:
     u = usage_table
+    if user_id is not None:
+        query = query.where(u.c.user_id == user_id)
     if model is not None:
         try:
             query = query.where(u.c.model_id == uuid.UUID(model))
@@ -312,10 +320,16 @@ def _day(dialect: str) -> sa.ColumnElement[Any]:
 
 
 async def summarize_usage(
-    engine: AsyncEngine, *, model: str | None = None, since: datetime | None = None, until: datetime | None = None
+    engine: AsyncEngine,
+    *,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    user_id: uuid.UUID | None = None,
 ) -> list[DaySummary]:
     """Per model and (UTC) day: requests, errors, tokens, and the nearest-rank median and p95 of
-    the time to first byte, all computed by the database (a report never loads every row)."""
+    the time to first byte, all computed by the database (a report never loads every row).
+    `user_id` keeps one user's chats only."""
     u = usage_table
     dialect = engine.dialect.name
     day = _day(dialect).label("day")
@@ -333,13 +347,13 @@ async def summarize_usage(
             sa.func.percentile_disc(0.5).within_group(u.c.ttfb).label("p50"),
             sa.func.percentile_disc(0.95).within_group(u.c.ttfb).label("p95"),
         ]
-    totals = _filtered(sa.select(*columns), model, since, until).group_by(u.c.model_id, day)
+    totals = _filtered(sa.select(*columns), model, since, until, user_id).group_by(u.c.model_id, day)
     async with engine.connect() as conn:
         rows = (await conn.execute(totals)).all()
         if dialect == "postgresql":
             ttfbs = {(row.model_id, row.day): (row.p50, row.p95) for row in rows}
         else:
-            ttfbs = await _ranked_ttfbs(conn, day, model, since, until)
+            ttfbs = await _ranked_ttfbs(conn, day, model, since, until, user_id)
         names = {row.id: row.name for row in await conn.execute(sa.select(models_table.c.id, models_table.c.name))}
     summaries = []
     for row in rows:
@@ -361,7 +375,12 @@ async def summarize_usage(
 
 
 async def _ranked_ttfbs(
-    conn: Any, day: sa.ColumnElement[Any], model: str | None, since: datetime | None, until: datetime | None
+    conn: Any,
+    day: sa.ColumnElement[Any],
+    model: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    user_id: uuid.UUID | None,
 ) -> dict[tuple[Any, Any], tuple[float | None, float | None]]:
     """SQLite has no percentile aggregate: number each group's times in order (a window
     function) and keep the rows at the nearest ranks, ceil(0.5 n) and ceil(0.95 n), in integer
@@ -379,6 +398,7 @@ async def _ranked_ttfbs(
         model,
         since,
         until,
+        user_id,
     ).subquery()
     p50_rank = (ranked.c.n + 1) // 2
     p95_rank = (95 * ranked.c.n + 99) // 100
