@@ -17,17 +17,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatgate import __version__
 from chatgate.api.openai_shapes import render_error
-from chatgate.api.routes import accounts, health, models, openai_models, usage
+from chatgate.api.routes import accounts, console, health, models, openai_models, session, usage
 from chatgate.errors import ChatgateError, ValidationFailed
 
 log = logging.getLogger("chatgate")
 
 ROUTERS = (
     health.router,
+    session.router,
     models.router,
     openai_models.router,
     usage.router,
     accounts.router,
+    console.router,
 )
 
 
