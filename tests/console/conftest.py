@@ -53,9 +53,10 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """A headless Chromium for the session (per xdist worker)."""
+    """A headless Chromium per test module. Not per session: Playwright's sync API keeps an event
+    loop running while it lives, so a later test's `asyncio.run()` in the same worker would fail."""
     path = chromium_path()
     if path is None:
         message = "Chromium is not installed: `apt-get install chromium` (make test does it as root)"

@@ -24,12 +24,14 @@ pytestmark = pytest.mark.e2e
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
 
 
-def shoot(page: Page, name: str) -> None:
-    """docs/console/<name>-desktop.png and -phone.png (the README shows them)."""
+def shoot(page: Page, name: str, *, hide: str | None = None) -> None:
+    """docs/console/<name>-desktop.png and -phone.png (the README shows them); `hide` masks
+    what matches it (a token, even a throwaway one, stays out of the repository)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}-desktop.png"))
+    mask = [page.locator(hide)] if hide else []
+    page.screenshot(path=str(SHOTS / f"{name}-desktop.png"), mask=mask)
     page.set_viewport_size(PHONE)
-    page.screenshot(path=str(SHOTS / f"{name}-phone.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / f"{name}-phone.png"), full_page=True, mask=mask)
     page.set_viewport_size(DESKTOP)
 
 
@@ -163,6 +165,42 @@ def test_the_answer_streams_in_before_it_is_complete(
     expect(page.locator("button.regenerate")).to_be_visible()
     shoot(page, "chat")
     assert page_watch(page)["violations"] == []
+
+
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d49444154789c"
+    "63f8cfc0f01f0005000201a5f9d5a40000000049454e44ae426082"
+)
+
+
+def test_system_prompt_temperature_image_and_regenerate_reach_the_model(
+    page: Page, console_server: ChatgateServer, fake: FakeUpstream
+) -> None:
+    model_id, name = add_model(console_server, fake, [scripts.stream("One answer"), scripts.stream("Another answer")])
+    sign_in(page, console_server)
+    open_chat(page, model_id)
+    page.click("summary")
+    page.fill("#chat-system", "Answer in French.")
+    page.fill("#chat-temperature", "0.3")
+    page.set_input_files("#chat-image", files=[{"name": "dot.png", "mimeType": "image/png", "buffer": PNG}])
+    expect(page.locator(".composer .thumbs img")).to_have_count(1)
+    answer = ask(page, "What is this?")
+    expect(answer).to_have_attribute("data-state", "done")
+    expect(answer).to_contain_text("One answer")
+
+    page.click("button.regenerate")
+    expect(page.locator(".message.assistant")).to_have_count(1)
+    expect(page.locator(".message.assistant")).to_contain_text("Another answer")
+
+    first, second = fake.wait_for_requests(name, 2)
+    for request in (first, second):  # the same question both times: the first answer replaced
+        body = request["body"]
+        assert body["temperature"] == 0.3 and body["stream"] is True
+        system, user = body["messages"]
+        assert system == {"role": "system", "content": "Answer in French."}
+        text, image = user["content"]
+        assert text == {"type": "text", "text": "What is this?"}
+        assert image["type"] == "image_url" and image["image_url"]["url"].startswith("data:image/png;base64,")
 
 
 def test_stop_closes_the_upstream_connection(page: Page, console_server: ChatgateServer, fake: FakeUpstream) -> None:
@@ -324,7 +362,7 @@ def test_admin_creates_a_user_and_a_token_shown_once_then_revokes_it(
     assert token.startswith("cg_")
     with httpx.Client(base_url=console_server.url, headers={"Authorization": f"Bearer {token}"}, trust_env=False) as c:
         assert c.get("/api/session").json()["name"] == user
-    shoot(page, "admin")
+    shoot(page, "admin", hide="#new-token")
 
     page.on("dialog", lambda dialog: dialog.accept())
     row = page.locator("tr", has_text=token[:10])

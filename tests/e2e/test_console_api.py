@@ -59,6 +59,14 @@ def test_sign_in_sets_a_strict_httponly_cookie_that_the_chat_routes_accept(
         assert custom.status_code == 200 and custom.text == "Hello there"
 
 
+def test_the_cookie_is_secure_when_the_browser_came_over_tls(gateway: ChatgateServer) -> None:
+    """chatgate itself speaks plain HTTP: TLS is a proxy's, which says so in X-Forwarded-Proto."""
+    headers = {**gateway.auth(), "X-Forwarded-Proto": "https"}
+    response = httpx.post(gateway.url + "/api/session", headers=headers, trust_env=False)
+    assert response.status_code == 200
+    assert "; secure" in response.headers["set-cookie"].lower()
+
+
 @pytest.mark.parametrize("origin", [None, "http://evil.example", "http://127.0.0.1:1"])
 def test_a_write_with_the_cookie_from_another_origin_is_refused(
     gateway: ChatgateServer, fake: FakeUpstream, origin: str | None

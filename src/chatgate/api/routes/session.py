@@ -20,6 +20,12 @@ def _who(principal: Principal) -> dict[str, Any]:
     return {"user_id": str(principal.user_id), "name": principal.name, "is_admin": principal.is_admin}
 
 
+def _over_tls(request: Request) -> bool:
+    """Whether the browser reached us over TLS: directly, or through a proxy that says so. Trusting
+    the proxy's header costs nothing here: it can only make the cookie stricter (`Secure`)."""
+    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https"
+
+
 @router.get("")
 async def whoami(principal: PrincipalDep) -> dict[str, Any]:
     """Who the credential (session cookie, API token or Supabase session) belongs to."""
@@ -44,7 +50,7 @@ async def sign_in(request: Request, response: Response, runtime: RuntimeDep, pri
         session.secret,
         expires=session.expires_at,
         path="/",
-        secure=request.url.scheme == "https",
+        secure=_over_tls(request),
         httponly=True,
         samesite="strict",
     )
@@ -58,7 +64,5 @@ async def sign_out(request: Request, runtime: RuntimeDep, _principal: PrincipalD
     secret = request.cookies.get(SESSION_COOKIE)
     if secret:
         await runtime.sessions.end(secret)
-        response.delete_cookie(
-            SESSION_COOKIE, path="/", secure=request.url.scheme == "https", httponly=True, samesite="strict"
-        )
+        response.delete_cookie(SESSION_COOKIE, path="/", secure=_over_tls(request), httponly=True, samesite="strict")
     return response
