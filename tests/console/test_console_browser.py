@@ -126,6 +126,7 @@ def test_add_edit_and_test_a_model_from_the_models_page(
     page.click("form.model-form button[type=submit]")
     expect(card.locator(".badge")).to_have_text("public")
     shoot(page, "models")
+    assert page_watch(page)["violations"] == []
 
     with console_server.client() as client:
         (model,) = [m for m in client.get("/api/models").json()["data"] if m["name"] == name]
@@ -164,6 +165,8 @@ def test_the_answer_streams_in_before_it_is_complete(
     expect(answer.locator("pre code .hljs-string")).to_have_text("'second'")
     expect(page.locator("button.regenerate")).to_be_visible()
     shoot(page, "chat")
+    page.emulate_media(color_scheme="dark")
+    page.screenshot(path=str(SHOTS / "chat-dark-desktop.png"))
     assert page_watch(page)["violations"] == []
 
 
@@ -344,6 +347,7 @@ def test_usage_charts_have_a_point_per_day(page: Page, console_server: ChatgateS
     errors = page.evaluate("Chart.getChart(document.getElementById('chart-errors')).data.datasets[0].data.length")
     assert errors == len(days)
     expect(page.locator(".usage table tbody tr", has_text=name)).to_have_count(3)
+    assert page_watch(page)["violations"] == []  # Chart.js draws under the strict CSP
     shoot(page, "usage")
 
 

@@ -23,7 +23,7 @@ export function chatView(main) {
   const thumbs = h("div", { className: "thumbs" });
   const send = h("button", { type: "submit", className: "send" }, "Send");
   const stop = h("button", { type: "button", className: "stop", hidden: true, onclick: () => controller?.abort() }, "Stop");
-  const regenerate = h("button", { type: "button", className: "regenerate", hidden: true, onclick: redo }, "Regenerate");
+  const regenerate = h("button", { type: "button", className: "regenerate secondary", hidden: true, onclick: redo }, "Regenerate");
 
   main.append(
     h("section", { className: "chat" },
