@@ -236,6 +236,25 @@ def test_an_upstream_error_is_shown_in_plain_words(
     expect(page.locator(".message.assistant")).to_have_count(0)  # no empty answer left behind
 
 
+def test_an_error_in_the_middle_of_a_stream_is_shown_below_what_arrived(
+    page: Page, console_server: ChatgateServer, fake: FakeUpstream
+) -> None:
+    script = {
+        "steps": [
+            {"role": "assistant"},
+            {"delta": "Half an answer"},
+            {"event": {"error": {"message": "The server is overloaded", "type": "server_error"}}},
+        ]
+    }
+    model_id, _name = add_model(console_server, fake, script)
+    sign_in(page, console_server)
+    open_chat(page, model_id)
+    answer = ask(page, "Tell me everything")
+    expect(answer).to_have_attribute("data-state", "error")
+    expect(answer.locator(".content")).to_have_text("Half an answer")
+    expect(page.get_by_role("alert")).to_have_text("The server is overloaded")
+
+
 XSS_ANSWER = (
     'Look: <img src="x" onerror="window.__pwned = \'img\'"> and '
     "[click me](javascript:window.__pwned='link') and "
