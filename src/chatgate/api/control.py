@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from chatgate import __version__
 from chatgate.api.openai_shapes import render_error
 from chatgate.api.routes import accounts, console, health, models, openai_models, session, usage
+from chatgate.console.assets import Assets
 from chatgate.errors import ChatgateError, ValidationFailed
 
 log = logging.getLogger("chatgate")
@@ -48,6 +49,8 @@ def build_control_app() -> FastAPI:
     app.add_exception_handler(Exception, _unexpected)
     for router in ROUTERS:
         app.include_router(router)
+    # The console's files, read once: they cannot change while the process runs.
+    app.state.console_assets = Assets.from_package()
     return app
 
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 from dataclasses import dataclass
-from functools import cache
 from importlib import resources
 
-__all__ = ["CSP", "Asset", "Assets", "bundle"]
+__all__ = ["CSP", "Asset", "Assets"]
 
 # The page runs only its own files: no inline script or style, nothing from elsewhere, and it
 # cannot be framed. Images may be data:/blob: URLs (attachments the user picks or pastes).
@@ -87,9 +86,3 @@ def _asset(path: str, body: bytes) -> Asset:
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
     cache_control = IMMUTABLE if path.startswith("vendor/") else REVALIDATE
     return Asset(body, gzipped, content_type, etag, cache_control)
-
-
-@cache
-def bundle() -> Assets:
-    """The package's assets, loaded on first use (they cannot change while the process runs)."""
-    return Assets.from_package()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from chatgate.console.assets import CSP, Asset, bundle
+from chatgate.console.assets import CSP, Asset, Assets
 from chatgate.errors import NotFound
 
 router = APIRouter(include_in_schema=False)
@@ -30,7 +30,8 @@ async def console_file(path: str, request: Request) -> Response:
 
 
 def _serve(request: Request, path: str) -> Response:
-    asset = bundle().get(path)
+    assets: Assets = request.app.state.console_assets  # read from the package by control.py
+    asset = assets.get(path)
     if asset is None:
         raise NotFound("Not Found")
     headers = {**SECURITY_HEADERS, "cache-control": asset.cache_control, "etag": asset.etag}
