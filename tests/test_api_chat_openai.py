@@ -1,5 +1,6 @@
-"""The OpenAI dialect's pure parts (api/chat_openai.py): error shapes, model ids, and the stream
-relay fed upstream reads in-process (what is complete, what is an event stream, key masking)."""
+"""The OpenAI dialect's pure parts: error shapes and model ids (api/openai_shapes.py), and the
+stream relay (api/chat_openai.py) fed upstream reads in-process (what is complete, what is an event
+stream, key masking)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
-from chatgate.api.chat_openai import _StreamRelay, model_ids, render_error
+from chatgate.api.chat_openai import _StreamRelay
+from chatgate.api.openai_shapes import model_ids, render_error
 from chatgate.api.relay import require_event_stream
 from chatgate.errors import (
     AmbiguousModel,

@@ -30,7 +30,7 @@ def test_migrations_create_the_tables_and_instances_may_run_them_together(backen
                 await engine.dispose()
 
     tables = asyncio.run(go())
-    assert {"models", "chatgate_users", "chatgate_tokens"} <= tables
+    assert {"models", "chatgate_users", "chatgate_tokens", "chatgate_sessions"} <= tables
 
 
 @pytest.mark.backends("postgresql")

@@ -5,6 +5,7 @@ ChatgateError
  │    ├── BadRequest             400: malformed body, missing or mistyped field
  │    │    └── AmbiguousModel     400: a model name that several usable models share
  │    ├── Unauthorized           401: missing or wrong credential
+ │    ├── Forbidden              403: a credential used where it is not valid (cross-origin cookie)
  │    ├── NotFound               404: no such thing, or not yours
  │    │    └── ModelNotFound      404: no model by that id or name that the caller may use
  │    ├── RequestTimeout         408: the request body stalled
@@ -48,6 +49,12 @@ class BadRequest(ClientError):
 class Unauthorized(ClientError):
     status = 401
     code = "invalid_credentials"
+
+
+class Forbidden(ClientError):
+    status = 403
+    code = "forbidden"
+    type = "permission_error"
 
 
 class NotFound(ClientError):

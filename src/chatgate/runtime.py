@@ -27,6 +27,7 @@ from chatgate.security.keys import Keys
 from chatgate.security.limits import Limiter, MemoryLimiter
 from chatgate.security.principal import Principal
 from chatgate.security.redis_limits import RedisLimiter
+from chatgate.security.sessions import Sessions
 from chatgate.security.ssrf import (
     GuardedResolver,
     UpstreamPolicy,
@@ -122,6 +123,7 @@ class Runtime:
     limiter: Limiter
     upstream: UpstreamClient
     supabase: SupabaseVerifier | None
+    sessions: Sessions
     metrics: Metrics
     usage: UsageRecorder
     redis: Redis | None = None
@@ -138,6 +140,7 @@ class Runtime:
         accounts = Accounts.for_engine(engine)
         await bootstrap_admin(settings, accounts)
         supabase = supabase_verifier(settings)
+        sessions = Sessions(engine)
         metrics = Metrics()
         keys = Keys.from_settings(settings)
         redis: Redis | None = None
@@ -172,10 +175,11 @@ class Runtime:
             engine=engine,
             registry=registry,
             accounts=accounts,
-            authenticator=Authenticator(accounts, supabase),
+            authenticator=Authenticator(accounts, supabase, sessions),
             limiter=limiter,
             upstream=upstream,
             supabase=supabase,
+            sessions=sessions,
             metrics=metrics,
             usage=usage,
             redis=redis,
@@ -198,7 +202,7 @@ class Runtime:
 
     async def admit(self, scope: Scope) -> Principal:
         """Authenticate the request and count it against the caller's rate limit."""
-        principal = await self.authenticator.authenticate(scope["headers"])
+        principal = await self.authenticator.authenticate(scope["headers"], scope["method"])
         await self.limiter.hit(str(principal.user_id))
         return principal
 

@@ -290,8 +290,16 @@ class DaySummary:
     ttfb_p95: float | None
 
 
-def _filtered(query: sa.Select[Any], model: str | None, since: datetime | None, until: datetime | None) -> Any:
+def _filtered(
+    query: sa.Select[Any],
+    model: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    user_id: uuid.UUID | None = None,
+) -> Any:
     u = usage_table
+    if user_id is not None:
+        query = query.where(u.c.user_id == user_id)
     if model is not None:
         try:
             query = query.where(u.c.model_id == uuid.UUID(model))
@@ -305,15 +313,21 @@ def _filtered(query: sa.Select[Any], model: str | None, since: datetime | None, 
 
 
 async def summarize_usage(
-    engine: AsyncEngine, *, model: str | None = None, since: datetime | None = None, until: datetime | None = None
+    engine: AsyncEngine,
+    *,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    user_id: uuid.UUID | None = None,
 ) -> list[DaySummary]:
     """Per model and (UTC) day: requests, errors, tokens, and the nearest-rank median and p95 of
-    the time to first byte, computed by the database (a report never loads every row)."""
+    the time to first byte, computed by the database (a report never loads every row).
+    `user_id` keeps one user's chats only."""
     async with engine.connect() as conn:
         if engine.dialect.name == "postgresql":
-            groups = await _postgres_groups(conn, model, since, until)
+            groups = await _postgres_groups(conn, model, since, until, user_id)
         else:
-            groups = await _sqlite_groups(conn, model, since, until)
+            groups = await _sqlite_groups(conn, model, since, until, user_id)
         names = {row.id: row.name for row in await conn.execute(sa.select(models_table.c.id, models_table.c.name))}
     summaries = [
         DaySummary(
@@ -336,7 +350,9 @@ _Groups = dict[tuple[uuid.UUID | None, date], tuple[int, int, int | None, int | 
 _FAILED = sa.and_(usage_table.c.status >= 400, usage_table.c.status != CLIENT_GONE)
 
 
-async def _postgres_groups(conn: Any, model: str | None, since: datetime | None, until: datetime | None) -> _Groups:
+async def _postgres_groups(
+    conn: Any, model: str | None, since: datetime | None, until: datetime | None, user_id: uuid.UUID | None
+) -> _Groups:
     u = usage_table
     day = sa.cast(sa.func.timezone("UTC", u.c.started_at), sa.Date).label("day")
     query = sa.select(
@@ -349,11 +365,13 @@ async def _postgres_groups(conn: Any, model: str | None, since: datetime | None,
         sa.func.percentile_disc(0.5).within_group(u.c.ttfb),
         sa.func.percentile_disc(0.95).within_group(u.c.ttfb),
     )
-    rows = await conn.execute(_filtered(query, model, since, until).group_by(u.c.model_id, day))
+    rows = await conn.execute(_filtered(query, model, since, until, user_id).group_by(u.c.model_id, day))
     return {(row[0], row[1]): (row[2], int(row[3]), row[4], row[5], row[6], row[7]) for row in rows}
 
 
-async def _sqlite_groups(conn: Any, model: str | None, since: datetime | None, until: datetime | None) -> _Groups:
+async def _sqlite_groups(
+    conn: Any, model: str | None, since: datetime | None, until: datetime | None, user_id: uuid.UUID | None
+) -> _Groups:
     """SQLite has no percentile aggregate, and sorting a million rows twice (a GROUP BY, then a
     window function for the ranks) took several seconds. So one GROUP BY does it all, with the
     time to first byte as a third key, rounded to the millisecond the report shows (10 ms from
@@ -383,7 +401,7 @@ async def _sqlite_groups(conn: Any, model: str | None, since: datetime | None, u
         sa.func.count(u.c.prompt_tokens),
         sa.func.count(u.c.completion_tokens),
     )
-    query = _filtered(query, model, since, until).group_by(sa.text("m"), sa.text("d"), sa.text("b"))
+    query = _filtered(query, model, since, until, user_id).group_by(sa.text("m"), sa.text("d"), sa.text("b"))
     totals: dict[tuple[int | None, int], list[int]] = {}
     histograms: dict[tuple[int | None, int], list[tuple[int, int]]] = {}
     for m, d, b, count, errors, prompt, completion, prompt_known, completion_known in await conn.execute(query):

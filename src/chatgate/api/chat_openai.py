@@ -11,16 +11,14 @@ says it may carry what chatgate needs: the token counts (`"usage":{`), an in-ban
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
 from chatgate.api.asgi import Receive, Scope, Send
+from chatgate.api.openai_shapes import render_error as render_error  # app.py renders chat errors with it
 from chatgate.api.relay import admit_chat, incomplete, require_event_stream, run_chat, with_usage
-from chatgate.errors import BadRequest, ChatgateError, UpstreamStatus
-from chatgate.registry import ModelRecord
+from chatgate.errors import BadRequest, ChatgateError
 from chatgate.runtime import Runtime
 from chatgate.security.crypto import mask
 from chatgate.trace import ChatTrace
@@ -78,49 +76,6 @@ def _first_event_to_read(data: bytes) -> int:
         return 0
     boundary = data.rfind(b"\n\n", 0, min(found))
     return boundary + 2 if boundary >= 0 else 0
-
-
-def error_type(exc: ChatgateError) -> str:
-    """OpenAI's error `type` for a status (the SDKs pick their exception class by status)."""
-    if exc.status >= 500:
-        return "api_error"
-    return {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
-        exc.status, "invalid_request_error"
-    )
-
-
-def render_error(exc: ChatgateError) -> dict[str, Any]:
-    """`{"error": {"message", "type", "param", "code"}}`; an upstream's own OpenAI-shaped error
-    object is passed through as it came."""
-    if isinstance(exc, UpstreamStatus) and exc.body:
-        try:
-            upstream = orjson.loads(exc.body)
-        except orjson.JSONDecodeError:
-            upstream = None
-        if isinstance(upstream, dict) and isinstance(upstream.get("error"), dict):
-            return {"error": upstream["error"]}
-    return {"error": {"message": exc.message, "type": error_type(exc), "param": exc.param, "code": exc.code}}
-
-
-def model_ids(records: Iterable[ModelRecord]) -> list[tuple[str, ModelRecord]]:
-    """The `id` each model has in `/v1/models`: its name when no other of `records` (the models
-    the caller may use) has the same name, else its chatgate id. Either is accepted as `model`."""
-    records = list(records)
-    names = Counter(record.name for record in records)
-    return [(record.name if names[record.name] == 1 else str(record.id), record) for record in records]
-
-
-def model_object(model_id: str, record: ModelRecord) -> dict[str, Any]:
-    """A model as `/v1/models` lists it (OpenAI's fields, plus its chatgate id and name)."""
-    created = int(record.created_at.timestamp()) if record.created_at else 0
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": created,
-        "owned_by": "chatgate",
-        "name": record.name,
-        "chatgate_id": str(record.id),
-    }
 
 
 class OpenAIChat:

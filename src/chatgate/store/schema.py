@@ -65,3 +65,13 @@ usage = sa.Table(
     sa.Column("client_gone", sa.Boolean(), nullable=False),
     sa.Column("error", sa.Text(), nullable=True),
 )
+
+# Console sessions (security/sessions.py): the cookie's id only as a hash; a session ends with its token.
+sessions = sa.Table(
+    "chatgate_sessions",
+    metadata,
+    sa.Column("id_hash", sa.Text(), primary_key=True),
+    sa.Column("token_id", sa.Uuid(), sa.ForeignKey("chatgate_tokens.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+)
