@@ -256,3 +256,27 @@ def test_a_reused_connection_carries_no_timer_from_its_last_request() -> None:
         server.close()
 
     run(main())
+
+
+def test_a_get_sends_no_body_and_no_content_length() -> None:
+    requests: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]")
+        await writer.drain()
+
+    async def main() -> None:
+        server, url = await serve(handler)
+        pool = Pool(await loopback(), connect_timeout=2, idle_timeout=2)
+        response = await pool.request(
+            url.replace("chat/completions", "models"), b"", b"", first_byte_timeout=2, method=b"GET"
+        )
+        assert await response.read() == b"[]"
+        response.release()
+        await pool.close()
+        server.close()
+
+    run(main())
+    assert requests[0].startswith(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert b"content-length" not in requests[0].lower()

@@ -127,9 +127,15 @@ class UpstreamClient:
         return [result["host"] for result in results]
 
     async def open(
-        self, target: Target, body: bytes, *, accept: str = "text/event-stream", first_byte_timeout: float | None = None
+        self,
+        target: Target,
+        body: bytes,
+        *,
+        accept: str = "text/event-stream",
+        first_byte_timeout: float | None = None,
+        method: bytes = b"POST",
     ) -> Response:
-        """POST `body` to the target and return the successful response, whose head is in. The
+        """Send `body` (none for a GET) to the target and return the successful response, whose head is in. The
         caller must `release()` it (one not read to the end closes its connection, so the
         upstream stops generating). `first_byte_timeout` replaces the setting for this request.
 
@@ -144,7 +150,7 @@ class UpstreamClient:
             raise BadRequest("The model's base URL is not a valid URL", param="base_url") from None
         headers = _request_headers(accept, target.api_key)
         try:
-            response = await self._pool.request(target.url, headers, body, first_byte_timeout=waited)
+            response = await self._pool.request(target.url, headers, body, first_byte_timeout=waited, method=method)
         except FirstByteTimeout:
             raise UpstreamTimeout(f"The model server sent no response within {waited:g} s") from None
         except ConnectTimeout:

@@ -333,15 +333,21 @@ class Pool:
         self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._closed = False
 
-    async def request(self, url: str, headers: bytes, body: bytes, *, first_byte_timeout: float) -> Response:
-        """Send a POST (`headers` are pre-encoded lines, each ending CRLF) and wait for the head.
+    async def request(
+        self, url: str, headers: bytes, body: bytes, *, first_byte_timeout: float, method: bytes = b"POST"
+    ) -> Response:
+        """Send a request (`headers` are pre-encoded lines, each ending CRLF) and wait for the head.
+        A GET sends no body and no Content-Length.
 
         A pooled connection that the server closed while idle is retried once on a new one."""
         where = endpoint(url)
+        length = b"" if method == b"GET" else b"Content-Length: " + str(len(body)).encode() + b"\r\n"
         head = (
-            b"POST " + where.target + b" HTTP/1.1\r\nHost: " + where.host_header + b"\r\n" + headers
-            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+            method + b" " + where.target + b" HTTP/1.1\r\nHost: " + where.host_header + b"\r\n"
+            + headers + length + b"\r\n"
         )  # fmt: skip
+        if method == b"GET":
+            body = b""
         for attempt in (0, 1):
             conn, reused = await self._acquire(where)
             assert conn.transport is not None
