@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     idle_timeout: float = Field(60.0, gt=0)
     # A non-streamed answer's head comes only when the whole answer is ready: its own, longer wait.
     completion_timeout: float = Field(600.0, gt=0)
+    # Seconds an idle upstream keep-alive connection stays in the pool (less if the server's
+    # Keep-Alive header says so); 0 closes each after its answer.
+    keepalive_expiry: float = Field(5.0, ge=0)
+    # Largest non-streamed upstream answer read, in bytes: beyond it the request is answered 502.
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
     # Size of the in-process model cache (entries) and its safety-net TTL (seconds).
     model_cache_size: int = Field(1024, ge=1)
