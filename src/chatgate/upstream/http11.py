@@ -203,7 +203,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.state is _State.BODY and exc is None and self._until_close():
+        if self.state is _State.BODY and exc is None and self._error is None and self._until_close():
             self.on_message_complete()  # a body without length or chunking ends with the connection
         if self.state is not _State.DONE:
             # A reset (exc set, e.g. ECONNRESET) is never a clean end, whatever the framing.
@@ -227,8 +227,13 @@ class _Connection(asyncio.Protocol):
             raise _Unsolicited  # stops the parser: nothing after the answer is taken as part of it
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.state is _State.HEAD:  # after the head come only trailers, which are not kept
-            self.headers.append((name.lower(), value))
+        if self.state is not _State.HEAD:
+            return  # after the head come only trailers, which are not kept
+        name = name.lower()
+        if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            # A coded body (gzip, chunked) would be relayed as its raw bytes; h11 refuses it too.
+            raise ProtocolError("a Transfer-Encoding other than chunked")
+        self.headers.append((name, value.rstrip(b" \t")))  # trailing whitespace is not the value's
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
