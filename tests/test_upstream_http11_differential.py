@@ -172,6 +172,9 @@ def by_http11(pieces: list[bytes]) -> Outcome:
                 break  # the client gave up on the connection: it reads no further
             conn.data_received(piece)
         conn.connection_lost(None)
+        # After the end of the connection, the head must be settled one way or the other: a
+        # future left pending would hang a request until its timeout.
+        assert conn.head.done(), "the connection neither answered nor failed"
 
         async def outcome() -> Outcome:
             try:
