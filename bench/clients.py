@@ -87,7 +87,7 @@ async def run(port: int, n: int) -> list[tuple[str, float, float]]:
         size = 0
         response = await pool.request(url, headers, BODY, first_byte_timeout=30)
         try:
-            async for chunk in response:
+            while (chunk := await response.next_chunk()) is not None:
                 size += len(chunk)
         finally:
             response.release()

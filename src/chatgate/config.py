@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     # Largest single SSE event held from a model server, in bytes; beyond it the stream fails (502,
     # or an aborted answer once it began): a server that never ends an event cannot fill memory.
     max_event_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
+    # Seconds an idle upstream keep-alive connection stays in the pool (less if the server's
+    # Keep-Alive header says so); 0 closes each after its answer.
+    keepalive_expiry: float = Field(5.0, ge=0)
+    # Largest non-streamed upstream answer read, in bytes: beyond it the request is answered 502.
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
     # Size of the in-process model cache (entries) and its safety-net TTL (seconds).
     model_cache_size: int = Field(1024, ge=1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import orjson
 
@@ -26,6 +25,8 @@ from chatgate.errors import (
 )
 from chatgate.security.ssrf import BlockedAddress, GuardedResolver
 from chatgate.upstream.http11 import (
+    AnswerTimeout,
+    BodyTooLarge,
     ConnectError,
     ConnectTimeout,
     FirstByteTimeout,
@@ -41,7 +42,7 @@ from chatgate.upstream.http11 import (
 _MAX_ERROR_BODY = 64 * 1024
 
 # What can go wrong while an open answer is read; `stream_error` says what each means.
-STREAM_FAILURES = (TransportError, IdleTimeout, ProtocolError)
+STREAM_FAILURES = (TransportError, IdleTimeout, AnswerTimeout, ProtocolError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,14 +86,17 @@ def error_message(body: bytes) -> str | None:
     return orjson.dumps(parsed).decode() if parsed not in (None, "", {}, []) else None
 
 
-@lru_cache(maxsize=4096)
-def _request_headers(accept: str, api_key: str) -> bytes:
-    # Built once per (accept, key): the lines every request to that model carries.
+def _request_headers(accept: str, api_key: str, method: bytes) -> bytes:
+    # Built per request (a few hundred ns): a cache keyed by the key would keep a deleted
+    # model's or a replaced key in memory for the life of the process.
     if not (api_key.isascii() and api_key.isprintable()):
         # A key with control characters would inject header lines. chatgate refuses such keys
         # at write time; rows written by chatbot-ui may hold anything. Never echo the value.
         raise BadRequest("The model's API key cannot be sent in an HTTP header", param="api_key")
-    lines = f"Content-Type: application/json\r\nAccept: {accept}\r\nUser-Agent: chatgate\r\n"
+    # identity: chatgate relays and parses the bytes as they come and never decompresses.
+    lines = f"Accept: {accept}\r\nAccept-Encoding: identity\r\nUser-Agent: chatgate\r\n"
+    if method != b"GET":
+        lines = "Content-Type: application/json\r\n" + lines
     if api_key:
         lines += f"Authorization: Bearer {api_key}\r\n"
     return lines.encode("ascii")
@@ -107,8 +111,13 @@ class UpstreamClient:
         self._pool: Pool | None = None
 
     async def start(self) -> None:
+        settings = self._settings
         self._pool = Pool(
-            self._resolve, connect_timeout=self._settings.connect_timeout, idle_timeout=self._settings.idle_timeout
+            self._resolve,
+            connect_timeout=settings.connect_timeout,
+            idle_timeout=settings.idle_timeout,
+            keepalive_expiry=settings.keepalive_expiry,
+            max_body_bytes=settings.max_response_bytes,
         )
 
     async def close(self) -> None:
@@ -134,10 +143,10 @@ class UpstreamClient:
         first_byte_timeout: float | None = None,
         method: bytes = b"POST",
     ) -> Response:
-        """Send `body` to the target (a POST unless `method` says) and return the successful
-        response, whose head is in. The caller must `release()` it (one not read to the end
-        closes its connection, so the upstream stops generating). `first_byte_timeout`
-        replaces the setting for this request.
+        """Send `body` (none for a GET) to the target and return the successful response, whose head is in. The
+        caller must `release()` it (one not read to the end closes its connection, so the
+        upstream stops generating). `first_byte_timeout` replaces the setting for this request;
+        for an answer that is not an event stream it bounds the whole answer, head and body.
 
         Raises an `UpstreamError` (or `BadRequest` for a refused address) instead of answering
         with an error status.
@@ -148,9 +157,14 @@ class UpstreamClient:
             where = endpoint(target.url)
         except ValueError:
             raise BadRequest("The model's base URL is not a valid URL", param="base_url") from None
-        headers = _request_headers(accept, target.api_key)
+        headers = _request_headers(accept, target.api_key, method)
+        # A JSON answer comes whole when it is ready: its deadline covers the body too, so a
+        # server that trickles it after the head cannot hold the request past the timeout.
+        whole = accept != "text/event-stream"
         try:
-            response = await self._pool.request(target.url, headers, body, first_byte_timeout=waited, method=method)
+            response = await self._pool.request(
+                target.url, headers, body, first_byte_timeout=waited, whole_answer=whole, method=method
+            )
         except FirstByteTimeout:
             raise UpstreamTimeout(f"The model server sent no response within {waited:g} s") from None
         except ConnectTimeout:
@@ -199,7 +213,7 @@ def retry_headers(response: Response) -> list[tuple[bytes, bytes]]:
 async def _error_body(response: Response) -> bytes:
     try:
         async with asyncio.timeout(5):
-            return await response.read(_MAX_ERROR_BODY)
+            return await response.read(_MAX_ERROR_BODY, truncate=True)
     except (TimeoutError, *STREAM_FAILURES):
         return b""
 
@@ -208,6 +222,12 @@ def stream_error(exc: BaseException, settings: Settings) -> UpstreamError:
     """Map a failure while reading an open stream to the error chatgate reports."""
     if isinstance(exc, IdleTimeout):
         return UpstreamTimeout(f"The model server sent nothing for {settings.idle_timeout:g} s")
+    if isinstance(exc, AnswerTimeout):
+        return UpstreamTimeout(f"The model server did not finish its answer within {settings.completion_timeout:g} s")
+    if isinstance(exc, BodyTooLarge):
+        return UpstreamProtocolError(
+            f"The model server's answer is larger than CHATGATE_MAX_RESPONSE_BYTES ({exc.limit} bytes)"
+        )
     if isinstance(exc, ProtocolError):
         return UpstreamProtocolError(f"The model server broke HTTP mid-stream: {exc}")
     return UpstreamUnreachable("The model server ended the stream before it was complete")

@@ -4,20 +4,31 @@ Why not aiohttp or httpx: the relay's whole job is one POST and a streamed answe
 benchmark (`make bench`, docs/performance.md) showed a general client costing more CPU per
 request than everything else chatgate does together (aiohttp about 280 µs, httpx more, for a
 32-chunk stream; this client about a fifth of that). What it does not need, it does not do:
-no redirects (never followed, by policy), no cookies, no proxies, no compression, no
-multipart, no HTTP/2. TLS comes from the standard library, parsing from httptools (the parser
-uvicorn uses), and name resolution from the SSRF guard, so the connection goes to exactly the
-addresses that were checked.
+no redirects (never followed, by policy), no cookies, no proxies, no compression (it asks for
+`identity` and refuses a Transfer-Encoding other than chunked), no multipart, no HTTP/2. TLS
+comes from the standard library, parsing from httptools (the parser uvicorn uses), and name
+resolution from the SSRF guard, so the connection goes to exactly the addresses that were checked.
+
+What it does, to h11's and httpcore's standard (tests/test_upstream_http11_differential.py holds
+it to h11's answers): 1xx heads are skipped and 101 refused; the head (1xx heads included) is
+bounded at 64 KiB and a body read whole at `max_body_bytes`; a body that ends with the connection
+ends cleanly only on a FIN, never on a reset; a connection goes back to the pool only when its
+answer was read to the end and nothing followed it, expires there after `keepalive_expiry` (or the
+server's Keep-Alive timeout) and is dropped if it hears anything while idle; a silent reused
+connection is retried once on a new one; a connect that is refused or times out tries the next
+address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import enum
+import re
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlsplit
@@ -28,6 +39,11 @@ import httptools
 # (backpressure from a slow client reaches the upstream's TCP window).
 _HIGH_WATER = 256 * 1024
 _DNS_TTL = 10.0
+# The response head (with any 1xx heads before it) is bounded as h11 bounds an incomplete event.
+MAX_HEAD = 64 * 1024
+# Bodies read whole (a non-streamed answer) are bounded by default by this much.
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+_KEEP_ALIVE_TIMEOUT = re.compile(rb"(?:^|[,;\s])timeout\s*=\s*(\d+)", re.IGNORECASE)
 
 Resolve = Callable[[str, int], Awaitable[list[str]]]
 
@@ -56,12 +72,24 @@ class FirstByteTimeout(Exception):
     """No response head within the first-byte timeout."""
 
 
+class AnswerTimeout(Exception):
+    """The head came in time, but not the rest of an answer that had to be whole by then."""
+
+
 class IdleTimeout(Exception):
     """An open body went quiet for longer than the idle timeout."""
 
 
 class ProtocolError(Exception):
     """The server sent something that is not HTTP/1.1."""
+
+
+class BodyTooLarge(ProtocolError):
+    """A body read whole was larger than its limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the answer is larger than {limit} bytes")
+        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +124,25 @@ def endpoint(url: str) -> Endpoint:
     return Endpoint(parts.scheme, host, port, path.encode("ascii"), host_header.encode("idna"))
 
 
+class _State(enum.Enum):
+    """Where a connection is in its request/response exchange (named, as h11 does, rather than
+    read off a handful of flags)."""
+
+    IDLE = "idle"  # in the pool, between exchanges: any byte or EOF now means it is dead
+    HEAD = "head"  # request sent, waiting for the final (non-1xx) head
+    BODY = "body"  # the final head is in; reading the body
+    DONE = "done"  # the answer was read to its end: the parser is at a message boundary
+
+
+# Module names for the members: an Enum member looked up on its class costs about 70 ns in
+# Python 3.11, a global about 10, and data_received asks several times per read.
+_IDLE, _HEAD, _BODY, _DONE = _State.IDLE, _State.HEAD, _State.BODY, _State.DONE
+
+
+class _Unsolicited(Exception):
+    """Bytes after the end of the answer: the server is out of step, the connection is dead."""
+
+
 class _Connection(asyncio.Protocol):
     """One upstream connection; carries one request at a time."""
 
@@ -103,25 +150,30 @@ class _Connection(asyncio.Protocol):
         self.key = key
         self._loop = loop
         self._idle_timeout = idle_timeout
-        self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self._reset()
+        self.idle_until = 0.0
+        self._reset(_IDLE)
 
-    def _reset(self) -> None:
+    def _reset(self, state: _State) -> None:
+        self.state = state
+        self._parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head: asyncio.Future[None] = self._loop.create_future()
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
+        self._head_bytes = 0
+        self._informational = False
         self._waiter: asyncio.Future[None] | None = None
-        self.complete = False
         self.keep_alive = False
         self.got_bytes = False
         self._error: BaseException | None = None
         self._paused = False
         self._last_data = 0.0
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._answer_by: float | None = None
 
     # asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -133,12 +185,25 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
         self._last_data = self._loop.time()
+        state = self.state
+        if state is _IDLE:
+            self.close()  # a pooled connection that hears anything is dead (httpcore: is_readable)
+            return
+        if state is _HEAD:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(ProtocolError(f"invalid HTTP from the upstream: {exc}"))
-            if self.transport is not None:
-                self.transport.close()
+            cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+            if not isinstance(cause, _Unsolicited):
+                reason = cause if isinstance(cause, ProtocolError) else ProtocolError(f"invalid HTTP: {exc}")
+                self._fail(reason)
+            self.close()  # what is complete stays readable; the connection is not reused
+            return
+        if self.state is _HEAD and self._head_bytes > MAX_HEAD:
+            # Counted over every 1xx head too, so an endless run of them is bounded as well.
+            self._fail(ProtocolError(f"the response head is larger than {MAX_HEAD // 1024} KiB"))
+            self.close()
             return
         # One wake-up per read, not per body piece the parser found in it.
         if self._chunks:
@@ -152,12 +217,13 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.complete and self.head.done() and self._until_close():
+        if self.state is _BODY and exc is None and self._error is None and self._until_close():
             self.on_message_complete()  # a body without length or chunking ends with the connection
-        if not self.complete:
-            reason = "the connection was closed before the answer was complete"
-            self._fail(TransportError(reason, before_response=not self.got_bytes))
-        self._cancel_idle()
+        if self.state is not _DONE:
+            # A reset (exc set, e.g. ECONNRESET) is never a clean end, whatever the framing.
+            reason = "was reset" if exc is not None else "was closed before the answer was complete"
+            self._fail(TransportError(f"the connection {reason}", before_response=not self.got_bytes))
+        self._cancel_timers()
 
     def pause_writing(self) -> None:  # request bodies are small; nothing to pause
         pass
@@ -170,13 +236,36 @@ class _Connection(asyncio.Protocol):
         return b"content-length" not in names and b"transfer-encoding" not in names
 
     # httptools callbacks -------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.state is _DONE:
+            raise _Unsolicited  # stops the parser: nothing after the answer is taken as part of it
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        if self.state is not _HEAD:
+            return  # after the head come only trailers, which are not kept
+        name = name.lower()
+        if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            # A coded body (gzip, chunked) would be relayed as its raw bytes; h11 refuses it too.
+            raise ProtocolError("a Transfer-Encoding other than chunked")
+        self.headers.append((name, value.rstrip(b" \t")))  # trailing whitespace is not the value's
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if status < 200:
+            if status == 101 or status < 100:
+                raise ProtocolError(f"the server answered status {status}")
+            self._informational = True  # 100 Continue, 102, 103 Early Hints: not the answer
+            self.headers = []
+            return
+        self.status = status
         # Asked now: httptools forgets it once the message is complete.
         self.keep_alive = self._parser.should_keep_alive()
+        self.state = _BODY
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+            if self._answer_by is not None:
+                self._deadline = self._loop.call_at(self._answer_by, self._deadline_passed)
         if not self.head.done():
             self.head.set_result(None)
 
@@ -185,8 +274,11 @@ class _Connection(asyncio.Protocol):
         self._buffered += len(body)
 
     def on_message_complete(self) -> None:
-        self.complete = True
-        self._cancel_idle()
+        if self._informational:
+            self._informational = False
+            return
+        self.state = _DONE
+        self._cancel_timers()
         self._wake()
 
     # the reading side ----------------------------------------------------------------------
@@ -203,12 +295,25 @@ class _Connection(asyncio.Protocol):
             self.head.exception()  # retrieved: the caller may be gone already
         self._wake()
 
-    def fail_head_after(self, seconds: float) -> asyncio.TimerHandle:
-        # A bare timer handle: asyncio.timeout() costs several times more per request.
-        return self._loop.call_later(seconds, self._fail, FirstByteTimeout())
+    def send(self, data: bytes, head_by: float, answer_by: float | None) -> None:
+        """Write a request; the head must arrive by `head_by` (loop time), and the whole answer
+        by `answer_by` when it is set."""
+        assert self.transport is not None and self.state is _IDLE
+        self.state = _HEAD  # fields are fresh: from __init__ or recycle()
+        self.transport.write(data)
+        # Bare timer handles: asyncio.timeout() costs several times more per request.
+        self._deadline = self._loop.call_at(head_by, self._deadline_passed)
+        self._answer_by = answer_by
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        if self.state is _HEAD:
+            self._fail(FirstByteTimeout())
+        elif self.state is _BODY:
+            self._fail(AnswerTimeout())
 
     def start_idle_timer(self) -> None:
-        if self.complete:
+        if self.state is not _BODY:
             return  # the whole answer came with its head: nothing to wait for
         self._last_data = self._loop.time()
         self._idle_handle = self._loop.call_at(self._last_data + self._idle_timeout, self._idle_check)
@@ -222,10 +327,13 @@ class _Connection(asyncio.Protocol):
         self._idle_handle = None
         self._fail(IdleTimeout())
 
-    def _cancel_idle(self) -> None:
+    def _cancel_timers(self) -> None:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     async def read(self) -> bytes | None:
         """Everything received since the last call, waiting if there is nothing yet; None at the end."""
@@ -238,7 +346,7 @@ class _Connection(asyncio.Protocol):
                     self._paused = False
                     self.transport.resume_reading()
                 return data
-            if self.complete:
+            if self.state is _DONE:
                 return None
             if self._error is not None:
                 raise self._error
@@ -249,29 +357,32 @@ class _Connection(asyncio.Protocol):
                 self._waiter = None
 
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed and self._error is None
+        return self.state is _DONE and self.keep_alive and not self.closed and self._error is None
 
-    def recycle(self) -> None:
-        self._cancel_idle()
-        self._parser = httptools.HttpResponseParser(self)
-        self._reset()
+    def recycle(self, idle_until: float) -> None:
+        """Back to the pool: a fresh parser at a message boundary, usable until `idle_until`."""
+        self._cancel_timers()
+        self._reset(_IDLE)
+        self.idle_until = idle_until
 
     def close(self) -> None:
-        self._cancel_idle()
+        self._cancel_timers()
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
 
 
 class Response:
-    """An answer whose head has arrived; read the body with `async for chunk in response`, or
-    on a hot path `while (chunk := await response.next_chunk()) is not None` (no generator)."""
+    """An answer whose head has arrived; read the body on a hot path with
+    `while (chunk := await response.next_chunk()) is not None` (no generator), or whole with
+    `read()`."""
 
-    __slots__ = ("_conn", "_pool", "_released", "headers", "next_chunk", "status")
+    __slots__ = ("_conn", "_max_body", "_pool", "_released", "headers", "next_chunk", "status")
 
-    def __init__(self, pool: Pool, conn: _Connection) -> None:
+    def __init__(self, pool: Pool, conn: _Connection, max_body: int) -> None:
         self._pool = pool
         self._conn = conn
+        self._max_body = max_body
         self.next_chunk = conn.read  # everything received since the last call; None at the end
         self._released = False
         self.status = conn.status
@@ -283,25 +394,24 @@ class Response:
                 return value
         return None
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        read = self._conn.read
-        while (chunk := await read()) is not None:
-            yield chunk
-
-    async def read(self, limit: int | None = None) -> bytes:
-        """The rest of the body (at most `limit` bytes: the connection is then dropped)."""
+    async def read(self, limit: int | None = None, *, truncate: bool = False) -> bytes:
+        """The rest of the body. Past `limit` bytes (default: the pool's `max_body_bytes`) it
+        raises `BodyTooLarge`, or with `truncate` returns the first `limit` bytes; either way it
+        stops reading there, so no more than about one read beyond the limit is ever held, and
+        the connection is dropped on release."""
+        limit = self._max_body if limit is None else limit
         parts: list[bytes] = []
         size = 0
-        while (chunk := await self._conn.read()) is not None:
+        read = self._conn.read
+        while (chunk := await read()) is not None:
+            if size + len(chunk) > limit:
+                if not truncate:
+                    raise BodyTooLarge(limit)
+                parts.append(chunk[: limit - size])
+                break
             parts.append(chunk)
             size += len(chunk)
-            if limit is not None and size >= limit:
-                break
-        return b"".join(parts)[:limit] if limit is not None else b"".join(parts)
-
-    @property
-    def complete(self) -> bool:
-        return self._conn.complete
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def release(self) -> None:
         """Give the connection back to the pool if the answer was read to the end, else close it
@@ -313,7 +423,11 @@ class Response:
 
 
 class Pool:
-    """Keep-alive connections per (scheme, host, port); a connection carries one request at a time."""
+    """Keep-alive connections per (scheme, host, port); a connection carries one request at a time.
+
+    Like httpcore's pool: an idle connection expires after `keepalive_expiry` seconds (or the
+    server's `Keep-Alive: timeout=N`, when smaller), and one that heard anything while idle (bytes
+    or EOF) is closed rather than reused."""
 
     def __init__(
         self,
@@ -321,12 +435,16 @@ class Pool:
         *,
         connect_timeout: float,
         idle_timeout: float,
+        keepalive_expiry: float = 5.0,
+        max_body_bytes: int = DEFAULT_MAX_BODY,
         max_idle_per_host: int = 64,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._resolve = resolve
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
+        self._keepalive_expiry = keepalive_expiry
+        self._max_body = max_body_bytes
         self._max_idle = max_idle_per_host
         self._ssl = ssl_context
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
@@ -334,47 +452,71 @@ class Pool:
         self._closed = False
 
     async def request(
-        self, url: str, headers: bytes, body: bytes, *, first_byte_timeout: float, method: bytes = b"POST"
+        self,
+        url: str,
+        headers: bytes,
+        body: bytes,
+        *,
+        first_byte_timeout: float,
+        whole_answer: bool = False,
+        method: bytes = b"POST",
     ) -> Response:
         """Send a request (`headers` are pre-encoded lines, each ending CRLF) and wait for the head.
+        A GET sends no body and no Content-Length. With `whole_answer`, `first_byte_timeout` bounds
+        the whole answer, head and body, as one deadline (then `AnswerTimeout` while reading).
 
-        A pooled connection that the server closed while idle is retried once on a new one."""
+        A pooled connection found closed on sending is retried once on a new one. So is a reused
+        one that stays silent on a streamed request: it gets half the budget for its head, and if
+        not one byte came, a new connection gets the rest (a keep-alive socket can die without a
+        FIN, and that is not the upstream's fault until a fresh connection also times out). A
+        `whole_answer` request is not re-sent for silence: its head comes only when the answer is
+        ready, so silence is expected, and sending it again would have it generated twice."""
         where = endpoint(url)
-        # A GET without a body has no Content-Length: some servers refuse one on a GET.
-        length = b"Content-Length: " + str(len(body)).encode() + b"\r\n" if body or method != b"GET" else b""
+        length = b"" if method == b"GET" else b"Content-Length: " + str(len(body)).encode() + b"\r\n"
         head = (
-            method + b" " + where.target + b" HTTP/1.1\r\nHost: " + where.host_header + b"\r\n" + headers
-            + length + b"\r\n"
+            method + b" " + where.target + b" HTTP/1.1\r\nHost: " + where.host_header + b"\r\n"
+            + headers + length + b"\r\n"
         )  # fmt: skip
+        if method == b"GET":
+            body = b""
+        loop = asyncio.get_running_loop()
+        deadline = 0.0
         for attempt in (0, 1):
             conn, reused = await self._acquire(where)
-            assert conn.transport is not None
-            conn.transport.write(head + body)
-            timer = conn.fail_head_after(first_byte_timeout)
+            if attempt == 0:
+                deadline = loop.time() + first_byte_timeout
+            retry = reused and attempt == 0
+            retry_silent = retry and not whole_answer
+            head_by = (loop.time() + deadline) / 2 if retry_silent else deadline
+            conn.send(head + body, head_by, deadline if whole_answer else None)
             try:
                 await conn.head
             except FirstByteTimeout:
                 conn.close()
+                if retry_silent and not conn.got_bytes:
+                    continue
                 raise
             except TransportError as exc:
                 conn.close()
-                if reused and exc.before_response and attempt == 0:
+                if retry and exc.before_response:
                     continue  # a stale keep-alive connection: the request never reached a server
                 raise
             except BaseException:
                 conn.close()
                 raise
-            finally:
-                timer.cancel()
             conn.start_idle_timer()
-            return Response(self, conn)
+            return Response(self, conn, self._max_body)
         raise AssertionError("unreachable")
 
     async def _acquire(self, where: Endpoint) -> tuple[_Connection, bool]:
         idle = self._idle.get(where.key)
-        while idle:
-            conn = idle.pop()
-            if not conn.closed:
+        if idle:
+            now = asyncio.get_running_loop().time()
+            while idle:
+                conn = idle.pop()  # the most recently used: the likeliest to be alive
+                if conn.closed or conn.idle_until <= now or conn.transport is None or conn.transport.is_closing():
+                    conn.close()
+                    continue
                 return conn, True
         return await self._connect(where), False
 
@@ -382,10 +524,15 @@ class Pool:
         loop = asyncio.get_running_loop()
         addresses = await self._addresses(where.host, where.port)
         ssl_context = self._ssl_context() if where.scheme == "https" else None
+        # One budget for all addresses; each gets an even share of what is left (as curl does),
+        # so a black-holed first address leaves time for the next.
+        deadline = loop.time() + self._connect_timeout
         last: OSError | None = None
-        for address in addresses:
+        timed_out = False
+        for index, address in enumerate(addresses):
+            share = (deadline - loop.time()) / (len(addresses) - index)
             try:
-                async with asyncio.timeout(self._connect_timeout):
+                async with asyncio.timeout(share):
                     _transport, conn = await loop.create_connection(
                         lambda: _Connection(loop, self._idle_timeout, where.key),
                         address,
@@ -395,9 +542,11 @@ class Pool:
                     )
                 return conn
             except TimeoutError:
-                raise ConnectTimeout(self._connect_timeout) from None
+                timed_out = True
             except OSError as exc:
                 last = exc
+        if timed_out and last is None:
+            raise ConnectTimeout(self._connect_timeout)
         raise ConnectError(f"connection failed: {last.strerror if last and last.strerror else last}")
 
     async def _addresses(self, host: str, port: int) -> list[str]:
@@ -419,12 +568,18 @@ class Pool:
         if self._closed or not conn.reusable():
             conn.close()
             return
-        conn.recycle()
-        assert conn.transport is not None
+        now = asyncio.get_running_loop().time()
+        expiry = self._keepalive_expiry
+        for name, value in conn.headers:
+            if name == b"keep-alive" and (found := _KEEP_ALIVE_TIMEOUT.search(value)):
+                expiry = min(expiry, float(found[1]))
         idle = self._idle.setdefault(conn.key, collections.deque())
-        if len(idle) >= self._max_idle:
+        while idle and (idle[0].closed or idle[0].idle_until <= now):
+            idle.popleft().close()  # the oldest first: expired or gone while nobody asked
+        if expiry <= 0 or len(idle) >= self._max_idle:
             conn.close()
             return
+        conn.recycle(now + expiry)
         idle.append(conn)
 
     async def close(self) -> None:
