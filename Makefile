@@ -8,7 +8,7 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX
 LLAMA_VERSION := 0.3.36
 SMOLLM_VERSION := 0.1.2
 
-.PHONY: run test test-fast bench lint install dev llama demo-model chromium vendor-console clean
+.PHONY: run test test-fast bench lint install dev llama demo-model chromium vendor-console screenshots clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || { echo "==> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
@@ -66,6 +66,10 @@ test: $(VENV)/.dev-installed $(LLAMA_VENV)/.installed chromium
 # The suite without the real-model test: for quick iterations.
 test-fast: $(VENV)/.dev-installed chromium
 	$(PY) -m pytest -n 2 --dist loadgroup -m "not realmodel" $(PYTEST_ARGS)
+
+# The README's console screenshots (docs/console/), taken by the browser tests.
+screenshots: $(VENV)/.dev-installed chromium
+	CHATGATE_SCREENSHOT_DIR=$(abspath docs/console) $(PY) -m pytest -n 0 tests/console/test_console_browser.py $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check src tests bench

@@ -302,6 +302,8 @@ def test_parse_base_url_host_is_the_ascii_form(url: str, host: str, port: int) -
         ("http://example.com:0/", "invalid port"),
         ("http://example.com:65536/", "invalid port"),
         ("http://127\u30020\u30020\u30021/", "invalid host"),  # the IDNA codec reads 127.0.0.1
+        ("http://.b.example/", "invalid host"),  # an empty label: no Host header can carry it
+        ("http://%s.example/" % ("a" * 64), "invalid host"),  # a label over 63 characters
         ("http://good.example#@evil.example/", "fragment"),
         ("http://good.example?@evil.example/", "query"),
         ("http://good.example/v1?api-version=1", "query"),

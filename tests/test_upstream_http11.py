@@ -429,6 +429,27 @@ def test_a_head_over_64_KiB_is_refused() -> None:
     run(main())
 
 
+def test_a_whole_head_over_64_KiB_in_one_write_is_refused() -> None:
+    # The head completes within the read that brings it: only counting the header lines as they
+    # are parsed sees that it was too large.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        fillers = b"".join(b"X-Filler-%d: %s\r\n" % (n, b"a" * 8000) for n in range(9))
+        writer.write(b"HTTP/1.1 200 OK\r\n" + fillers + b"Content-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        server, url = await serve(handler)
+        pool = Pool(await loopback(), connect_timeout=2, idle_timeout=2)
+        with pytest.raises(ProtocolError, match="64 KiB"):
+            await pool.request(url, b"", b"{}", first_byte_timeout=5)
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
 def test_an_endless_body_read_whole_stops_at_the_limit() -> None:
     closed = asyncio.Event()
 

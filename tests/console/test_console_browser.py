@@ -1,10 +1,13 @@
 """The web console in a real headless Chromium, against a real chatgate and the fake upstream:
 sign in, models, a streamed chat and its Stop, errors, untrusted Markdown, usage charts, admin,
-sign out. Each page is also photographed at desktop and phone width into docs/console/."""
+sign out. Each page is also photographed at desktop and phone width (into docs/console/ with
+`make screenshots`)."""
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,11 +24,13 @@ from chatgate.store.schema import usage as usage_table
 
 pytestmark = pytest.mark.e2e
 
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+# The README's screenshots are rewritten only when asked (`make screenshots`): a test run leaves
+# the work tree as it found it. Otherwise they go to a scratch folder, and are still taken.
+SHOTS = Path(os.environ.get("CHATGATE_SCREENSHOT_DIR") or Path(tempfile.gettempdir()) / "chatgate-console-shots")
 
 
 def shoot(page: Page, name: str, *, hide: str | None = None) -> None:
-    """docs/console/<name>-desktop.png and -phone.png (the README shows them); `hide` masks
+    """<name>-desktop.png and -phone.png (the README shows them, from docs/console/); `hide` masks
     what matches it (a token, even a throwaway one, stays out of the repository)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     mask = [page.locator(hide)] if hide else []

@@ -35,13 +35,15 @@ def terminal(gateway: ChatgateServer, tmp_path: Path) -> Iterator[list[pexpect.s
 
 def spawn(spawned: list[pexpect.spawn], gateway: ChatgateServer, tmp_path: Path, *args: str) -> pexpect.spawn:
     env = {**gateway.env, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1", "NO_COLOR": "1", "HOME": str(tmp_path)}
+    # The terminal's own size, whatever the test run inherited (a COLUMNS=80 made rich wrap lines).
+    env.update(COLUMNS="160", LINES="40")
     argv = ["-m", "chatgate", "chat", *args, "--url", gateway.url, "--token", gateway.admin_token]
     argv += ["--history", str(tmp_path / "history")]
     child = pexpect.spawn(
         sys.executable, argv, env=env, cwd=str(tmp_path), encoding="utf-8", timeout=30, dimensions=(40, 160)
     )
     spawned.append(child)
-    child.expect("/help lists the commands")
+    child.expect(r"/help\s+lists\s+the\s+commands")
     child.expect_exact(PROMPT)
     return child
 

@@ -283,7 +283,9 @@ def _ascii_host(host: str) -> str:
     if ":" in host:
         return host  # an IPv6 literal, checked by _split_netloc
     try:
-        ascii_host = host.encode("idna").decode("ascii") if not host.isascii() else host
+        # Also for an ASCII host: the codec refuses an empty or over-long label (".b.example"),
+        # which the relay could not put in a Host header either.
+        ascii_host = host.encode("idna").decode("ascii")
     except UnicodeError:
         raise BadRequest("base_url has an invalid host", param="base_url") from None
     if not _HOSTNAME.fullmatch(ascii_host) or (ascii_host != host and literal_ip(ascii_host) is not None):

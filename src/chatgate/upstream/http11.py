@@ -121,7 +121,10 @@ def endpoint(url: str) -> Endpoint:
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Endpoint(parts.scheme, host, port, path.encode("ascii"), host_header.encode("idna"))
+    try:
+        return Endpoint(parts.scheme, host, port, path.encode("ascii"), host_header.encode("idna"))
+    except UnicodeError:  # a path that is not ASCII, an empty or over-long host label
+        raise ValueError("not an http(s) URL with a host") from None
 
 
 class _State(enum.Enum):
@@ -141,6 +144,10 @@ _IDLE, _HEAD, _BODY, _DONE = _State.IDLE, _State.HEAD, _State.BODY, _State.DONE
 
 class _Unsolicited(Exception):
     """Bytes after the end of the answer: the server is out of step, the connection is dead."""
+
+
+def _head_too_large() -> ProtocolError:
+    return ProtocolError(f"the response head is larger than {MAX_HEAD // 1024} KiB")
 
 
 class _Connection(asyncio.Protocol):
@@ -163,7 +170,8 @@ class _Connection(asyncio.Protocol):
         self.head: asyncio.Future[None] = self._loop.create_future()
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
-        self._head_bytes = 0
+        self._head_bytes = 0  # whole reads while a head is unfinished (bounds what httptools buffers)
+        self._header_bytes = 0  # header lines as parsed: exact, however the reads fell
         self._informational = False
         self._waiter: asyncio.Future[None] | None = None
         self.keep_alive = False
@@ -202,7 +210,7 @@ class _Connection(asyncio.Protocol):
             return
         if self.state is _HEAD and self._head_bytes > MAX_HEAD:
             # Counted over every 1xx head too, so an endless run of them is bounded as well.
-            self._fail(ProtocolError(f"the response head is larger than {MAX_HEAD // 1024} KiB"))
+            self._fail(_head_too_large())
             self.close()
             return
         # One wake-up per read, not per body piece the parser found in it.
@@ -243,6 +251,11 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.state is not _HEAD:
             return  # after the head come only trailers, which are not kept
+        # Counted here as well as per read: a head that completes within the read that brings
+        # it (as a 72 KiB head sent in one write does) never looks unfinished after a read.
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_HEAD:
+            raise _head_too_large()
         name = name.lower()
         if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
             # A coded body (gzip, chunked) would be relayed as its raw bytes; h11 refuses it too.
