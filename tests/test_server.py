@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from tests.support.mock_transport import MockTransport
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -32,38 +33,6 @@ from chatgate.api.asgi import (
 from chatgate.server import MAX_HEAD_BYTES, TESTED_UVICORN, GuardedHttpToolsProtocol, uvicorn_problem
 
 ASGIApp = Callable[[Scope, Receive, Send], Any]
-
-
-class MockTransport(asyncio.Transport):
-    """Collects what the protocol writes; closing is recorded, not done."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.buffer = b""
-        self.closed = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 8001)}.get(name, default)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        assert not self.closed, "a write after close"
-        self.buffer += bytes(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def take(self) -> bytes:
-        data, self.buffer = self.buffer, b""
-        return data
 
 
 async def echo_length(scope: Scope, receive: Receive, send: Send) -> None:

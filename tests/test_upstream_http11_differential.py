@@ -15,6 +15,7 @@ import asyncio
 import h11
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.support.mock_transport import MockTransport
 
 from chatgate.upstream.http11 import MAX_HEAD, ProtocolError, TransportError, _Connection
 
@@ -25,31 +26,6 @@ _VALUE = st.text("abcdefghijklmnopqrstuvwxyz0123456789 \t;=,/.:-_()", max_size=4
 _FRAMING = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"upgrade"}
 _HEADERS = st.lists(st.tuples(_TOKEN, _VALUE).filter(lambda h: h[0] not in _FRAMING), max_size=6)
 _BODY = st.binary(max_size=300)
-
-
-class _Transport:
-    """What the connection needs of a transport; the test plays the server's side."""
-
-    def __init__(self) -> None:
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str) -> None:
-        return None
 
 
 def head(status: bytes, headers: list[tuple[bytes, bytes]], version: bytes = b"HTTP/1.1") -> bytes:
@@ -164,7 +140,7 @@ def by_http11(pieces: list[bytes]) -> Outcome:
     loop = asyncio.new_event_loop()
     try:
         conn = _Connection(loop, 60.0, ("http", "x", 80))
-        transport = _Transport()
+        transport = MockTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
         conn.send(b"POST / HTTP/1.1\r\n\r\n", loop.time() + 3600, None)
         for piece in pieces:
