@@ -141,7 +141,7 @@ class Runtime:
         await bootstrap_admin(settings, accounts)
         supabase = supabase_verifier(settings)
         sessions = Sessions(engine)
-        metrics = Metrics()
+        metrics = Metrics(max_models=settings.metrics_max_models)
         keys = Keys.from_settings(settings)
         redis: Redis | None = None
         bus: CacheBus | None = None
@@ -170,7 +170,7 @@ class Runtime:
         await upstream.start()
         usage = UsageRecorder(engine)
         usage.start()
-        return cls(
+        runtime = cls(
             settings=settings,
             engine=engine,
             registry=registry,
@@ -185,6 +185,8 @@ class Runtime:
             redis=redis,
             bus=bus,
         )
+        metrics.watch(lambda: len(runtime.chats), upstream.pool_counts)
+        return runtime
 
     async def close(self) -> None:
         await self.upstream.close()

@@ -28,6 +28,7 @@ class ChatTrace:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     t0: float = field(default_factory=time.perf_counter)
     model_id: uuid.UUID | None = None
+    model: str = ""  # the upstream model name (`gen_ai.request.model`), once the model is known
     user_id: uuid.UUID | None = None
     status: int = 0
     ttfb: float | None = None
@@ -37,6 +38,11 @@ class ChatTrace:
     bytes_out: int = 0
     client_gone: bool = False
     error: str | None = None
+    error_kind: str | None = None  # an upstream failure: connect, timeout, status, cut, protocol
+    # Seconds from t0 to sending the upstream request, and from then to the upstream's head:
+    # with `ttfb`, what chatgate itself added before the first client byte.
+    upstream_at: float | None = None
+    upstream_ttfb: float | None = None
 
     @property
     def started(self) -> bool:
@@ -44,6 +50,21 @@ class ChatTrace:
 
     def first_byte(self) -> None:
         self.ttfb = time.perf_counter() - self.t0
+
+    def upstream_sent(self) -> None:
+        self.upstream_at = time.perf_counter() - self.t0
+
+    def upstream_answered(self) -> None:
+        if self.upstream_at is not None:
+            self.upstream_ttfb = time.perf_counter() - self.t0 - self.upstream_at
+
+    @property
+    def added(self) -> float | None:
+        """chatgate's own time before the first client byte: arrival to upstream request, plus
+        upstream head to first client byte (None unless all three happened)."""
+        if self.ttfb is None or self.upstream_at is None or self.upstream_ttfb is None:
+            return None
+        return self.upstream_at + max(0.0, self.ttfb - self.upstream_at - self.upstream_ttfb)
 
     def finish(self) -> None:
         self.duration = time.perf_counter() - self.t0

@@ -120,6 +120,10 @@ class UpstreamClient:
             max_body_bytes=settings.max_response_bytes,
         )
 
+    def pool_counts(self) -> tuple[int, int]:
+        """Upstream connections open and idle (0, 0 before start-up)."""
+        return self._pool.counts() if self._pool is not None else (0, 0)
+
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
