@@ -60,6 +60,9 @@ class Gateway:
         self, handler: ChatHandler, render: ErrorRenderer, scope: Scope, receive: Receive, send: Send
     ) -> None:
         trace = ChatTrace(request_id=incoming_request_id(scope) or new_request_id(), endpoint=scope["path"])
+        tracing = self.runtime.tracing if self.runtime is not None else None
+        if tracing is not None:
+            tracing.start(scope, trace)
         try:
             await handler(scope, receive, send, trace)
         except ClientGone:
@@ -100,6 +103,8 @@ class Gateway:
                 if self.settings.metrics:
                     self.runtime.metrics.observe(trace)
             log_access(trace)
+            if tracing is not None:
+                tracing.end(trace)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -38,6 +38,7 @@ from chatgate.security.ssrf import (
 )
 from chatgate.security.supabase import SupabaseVerifier
 from chatgate.store import db
+from chatgate.tracing import Tracing
 from chatgate.upstream.client import UpstreamClient
 from chatgate.usage import UsageRecorder
 
@@ -129,6 +130,7 @@ class Runtime:
     redis: Redis | None = None
     bus: CacheBus | None = None
     chats: RunningChats = field(default_factory=RunningChats)  # for the drain at shutdown
+    tracing: Tracing | None = None  # OpenTelemetry, when an OTLP endpoint is configured
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -184,12 +186,15 @@ class Runtime:
             usage=usage,
             redis=redis,
             bus=bus,
+            tracing=Tracing.from_environment(),
         )
         metrics.watch(lambda: len(runtime.chats), upstream.pool_counts)
         return runtime
 
     async def close(self) -> None:
         await self.upstream.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # exports the last spans
         await self.usage.close()  # after the last chat, before the engine goes
         if self.supabase is not None:
             await self.supabase.aclose()

@@ -8,6 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 _PROCESS = os.urandom(8).hex()
 _SEQUENCE = itertools.count(1)
@@ -29,6 +30,7 @@ class ChatTrace:
     t0: float = field(default_factory=time.perf_counter)
     model_id: uuid.UUID | None = None
     model: str = ""  # the upstream model name (`gen_ai.request.model`), once the model is known
+    base_url: str = ""
     user_id: uuid.UUID | None = None
     status: int = 0
     ttfb: float | None = None
@@ -43,6 +45,9 @@ class ChatTrace:
     # with `ttfb`, what chatgate itself added before the first client byte.
     upstream_at: float | None = None
     upstream_ttfb: float | None = None
+    # Tracing (off unless configured): the chat's span, and the header lines that carry it upstream.
+    span: Any = None
+    upstream_headers: bytes = b""
 
     @property
     def started(self) -> bool:

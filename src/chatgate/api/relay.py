@@ -80,6 +80,7 @@ async def run_chat(
     """
     trace.model_id = record.id
     trace.model = record.model_id
+    trace.base_url = record.base_url
     target = Target(chat_completions_url(record.base_url), record.api_key)
     watch = DisconnectWatch(scope, receive)
     try:
@@ -195,7 +196,9 @@ async def _exchange(
     relay: Relay,
 ) -> None:
     trace.upstream_sent()
-    response = await runtime.upstream.open(target, body, accept=accept, first_byte_timeout=first_byte_timeout)
+    response = await runtime.upstream.open(
+        target, body, accept=accept, first_byte_timeout=first_byte_timeout, extra_headers=trace.upstream_headers
+    )
     trace.upstream_answered()
     try:
         await relay(response)
