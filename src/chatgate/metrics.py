@@ -14,6 +14,11 @@ Label cardinality is bounded: the `model` label is the upstream model name (`gen
 for the first `max_models` names a process sees, and `other` for every later one, so 10,000 user
 models give at most `max_models + 2` series per label set; `none` is a chat that never reached
 a model (unauthenticated, unknown model, bad request).
+
+Several worker processes (not built yet): the chat figures are plain data (label values to a
+count, or to bucket counts and a sum), so the worker answering a scrape can sum every worker's
+(shared memory or a file each, as prometheus_client's multiprocess mode does) without a `pid`
+label; the gauges add up the same way.
 """
 
 from __future__ import annotations
