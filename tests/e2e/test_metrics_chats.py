@@ -4,13 +4,13 @@ prometheus_client's own parser; who may scrape; bounded model labels; request id
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tests.support import ChatgateServer, FakeUpstream, free_port, unique_name, wait_until
+from tests.support import ChatgateServer, FakeUpstream, free_port, services, unique_name, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.backends("sqlite")]  # the figures do not depend on the database
 
@@ -178,3 +178,31 @@ def test_metrics_off_counts_no_chats(make_chatgate: Callable[..., ChatgateServer
         text = client.get("/metrics").text
     assert "chatgate_build_info" in text
     assert "chatgate_requests_total{" not in text
+
+
+@pytest.fixture
+def private_pg() -> Iterator[services.PrivatePostgres]:
+    services.require("PostgreSQL's initdb", None if services.PrivatePostgres.binaries() else "no initdb found")
+    pg = services.PrivatePostgres(free_port())
+    try:
+        pg.init().start()
+        yield pg
+    finally:
+        pg.cleanup()
+
+
+@pytest.mark.postgres
+@pytest.mark.backends("postgresql")
+def test_database_errors_are_counted_and_scraping_needs_no_database(
+    private_pg: services.PrivatePostgres, make_chatgate: Callable[..., ChatgateServer], fake: FakeUpstream
+) -> None:
+    server = make_chatgate(database_url=private_pg.url, database_timeout=1, metrics_token=SCRAPE_TOKEN)
+    name = unique_name("m")
+    fake.script(name, {"steps": [{"delta": "Hi"}, {"done": True}]})
+    model_id = server.add_model(base_url=fake.base_url, model_id=name)
+    private_pg.stop("immediate")
+    with server.client() as client:
+        assert client.post(CUSTOM, json=custom_body(model_id)).status_code == 503
+    # The scrape token is checked without the database: Prometheus sees the outage.
+    samples = wait_until(lambda: (s := scrape(server)) and value(s, "chatgate_database_errors_total") == 1 and s)
+    assert _requests(samples) == {(CUSTOM, "none", "5xx"): 1}
