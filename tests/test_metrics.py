@@ -77,5 +77,9 @@ def test_added_time_is_ours_only() -> None:
     # Arrived at 0; upstream request sent at 1 ms; its head at 501 ms; first client byte at 503 ms.
     trace.upstream_at, trace.upstream_ttfb, trace.ttfb = 0.001, 0.5, 0.503
     assert trace.added == pytest.approx(0.003)
+    # A stream: its head at 501 ms, the read that made the first client byte at 900 ms, the
+    # byte at 902 ms: the model's 399 ms between head and token are not chatgate's.
+    trace.ttfb, trace.upstream_read_at = 0.902, 0.900
+    assert trace.added == pytest.approx(0.003)
     trace.upstream_ttfb = None
     assert trace.added is None

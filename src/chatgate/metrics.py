@@ -133,8 +133,8 @@ _HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
         FIRST_CHUNK_BUCKETS,
     ),
     "chatgate_added_seconds": (
-        "chatgate's own time in a chat: request arrival to upstream request sent, plus upstream "
-        "response head to the client's first byte.",
+        "chatgate's own time in a chat: request arrival to upstream request sent, plus the upstream "
+        "read that made the client's first byte to that byte.",
         ("route",),
         ADDED_BUCKETS,
     ),

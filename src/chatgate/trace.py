@@ -45,6 +45,8 @@ class ChatTrace:
     # with `ttfb`, what chatgate itself added before the first client byte.
     upstream_at: float | None = None
     upstream_ttfb: float | None = None
+    # Seconds from t0 to the last upstream read before the first client byte (streams only).
+    upstream_read_at: float | None = None
     # Tracing (off unless configured): the chat's span, and the header lines that carry it upstream.
     span: Any = None
     upstream_headers: bytes = b""
@@ -63,13 +65,20 @@ class ChatTrace:
         if self.upstream_at is not None:
             self.upstream_ttfb = time.perf_counter() - self.t0 - self.upstream_at
 
+    def upstream_read(self) -> None:
+        self.upstream_read_at = time.perf_counter() - self.t0
+
     @property
     def added(self) -> float | None:
         """chatgate's own time before the first client byte: arrival to upstream request, plus
-        upstream head to first client byte (None unless all three happened)."""
+        the upstream read that made the first client byte (else the upstream's head) to that
+        byte; None unless the upstream answered and the client got a byte."""
         if self.ttfb is None or self.upstream_at is None or self.upstream_ttfb is None:
             return None
-        return self.upstream_at + max(0.0, self.ttfb - self.upstream_at - self.upstream_ttfb)
+        arrived = self.upstream_read_at
+        if arrived is None:
+            arrived = self.upstream_at + self.upstream_ttfb
+        return self.upstream_at + max(0.0, self.ttfb - arrived)
 
     def finish(self) -> None:
         self.duration = time.perf_counter() - self.t0

@@ -206,3 +206,21 @@ def test_database_errors_are_counted_and_scraping_needs_no_database(
     # The scrape token is checked without the database: Prometheus sees the outage.
     samples = wait_until(lambda: (s := scrape(server)) and value(s, "chatgate_database_errors_total") == 1 and s)
     assert _requests(samples) == {(CUSTOM, "none", "5xx"): 1}
+
+
+def test_the_models_wait_for_its_first_token_is_not_added_time(metered: ChatgateServer, fake: FakeUpstream) -> None:
+    name = unique_name("m")
+    # The head at once, the first token half a second later (as vLLM and llama.cpp do).
+    fake.script(
+        name, {"steps": [{"headers": True}, {"role": "assistant"}, {"sleep": 0.5}, {"delta": "late"}, {"done": True}]}
+    )
+    model_id = metered.add_model(base_url=fake.base_url, model_id=name)
+    with metered.client() as client:
+        assert client.post(CUSTOM, json=custom_body(model_id)).text == "late"
+    samples = wait_until(
+        lambda: (s := scrape(metered)) and value(s, "chatgate_added_seconds_count", route=CUSTOM) and s
+    )
+    assert value(samples, "gen_ai_client_operation_time_to_first_chunk_seconds_sum", route=CUSTOM, model=name) >= 0.5
+    assert value(samples, "chatgate_upstream_time_to_first_byte_seconds_sum", model=name) < 0.25
+    # chatgate's own part stays far under the model's half second.
+    assert value(samples, "chatgate_added_seconds_bucket", route=CUSTOM, le="0.1") == 1

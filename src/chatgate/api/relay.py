@@ -186,6 +186,23 @@ def scrub_key(exc: ChatgateError, api_key: str) -> None:
         exc.body = exc.body.replace(api_key.encode(), mask(api_key).encode())
 
 
+def _time_first_reads(response: Response, trace: ChatTrace) -> None:
+    """Note when each upstream read arrives until the client has its first byte, so that the
+    added time does not count the model's wait between its head and its first token; then the
+    plain read is put back: no cost per chunk after the first client byte."""
+    read = response.next_chunk
+
+    async def timed() -> bytes | None:
+        if trace.started:
+            response.next_chunk = read
+            return await read()
+        chunk = await read()
+        trace.upstream_read()
+        return chunk
+
+    response.next_chunk = timed
+
+
 async def _exchange(
     runtime: Runtime,
     trace: ChatTrace,
@@ -200,6 +217,7 @@ async def _exchange(
         target, body, accept=accept, first_byte_timeout=first_byte_timeout, extra_headers=trace.upstream_headers
     )
     trace.upstream_answered()
+    _time_first_reads(response, trace)
     try:
         await relay(response)
     except STREAM_FAILURES as exc:
