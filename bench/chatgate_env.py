@@ -72,6 +72,8 @@ def add_model(environ: Mapping[str, str], cwd: Path, name: str, base_url: str) -
 
 def register(environ: Mapping[str, str], cwd: Path, upstream_port: int) -> BenchModels:
     base = f"http://127.0.0.1:{upstream_port}"
+    # The CLI's user commands need the database to exist: they no longer create it.
+    _cli(["db", "upgrade"], environ, cwd)
     _cli(["users", "add", BENCH_USER], environ, cwd)
     return BenchModels(
         fast=add_model(environ, cwd, "bench", base + "/v1"),

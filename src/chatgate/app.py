@@ -18,7 +18,9 @@ from chatgate.api.control import build_control_app
 from chatgate.config import Settings
 from chatgate.errors import ChatgateError, ServiceUnavailable, UpstreamError, UpstreamStatus
 from chatgate.runtime import Runtime
-from chatgate.trace import ChatTrace
+from chatgate.store.db import UNAVAILABLE
+from chatgate.telemetry import RequestId, incoming_request_id, log_access
+from chatgate.trace import ChatTrace, new_request_id
 
 log = logging.getLogger("chatgate")
 
@@ -40,7 +42,7 @@ class Gateway:
             self.control, {"/api/chat/custom": chat_custom.OPENAPI, "/v1/chat/completions": chat_openai.OPENAPI}
         )
         # The chat routes bound their bodies themselves (read_body); this bounds every other route.
-        self._control_app = BodyLimit(self.control, settings.max_body_bytes, settings.client_timeout)
+        self._control_app = RequestId(BodyLimit(self.control, settings.max_body_bytes, settings.client_timeout))
         self._chats: dict[str, tuple[ChatHandler, ErrorRenderer]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,13 +59,18 @@ class Gateway:
     async def _chat(
         self, handler: ChatHandler, render: ErrorRenderer, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        trace = ChatTrace(endpoint=scope["path"])
+        trace = ChatTrace(request_id=incoming_request_id(scope) or new_request_id(), endpoint=scope["path"])
+        tracing = self.runtime.tracing if self.runtime is not None else None
+        if tracing is not None:
+            tracing.start(scope, trace)
         try:
             await handler(scope, receive, send, trace)
         except ClientGone:
             trace.client_gone = True
         except ChatgateError as exc:
             trace.status, trace.error = exc.status, exc.message
+            if isinstance(exc, ServiceUnavailable) and exc.message == UNAVAILABLE:
+                trace.error_kind = "database"
             if exc.status >= 500 and not isinstance(exc, UpstreamError | ServiceUnavailable):
                 # Ours, not the model server's (a key this instance cannot decrypt): the operator
                 # must hear of it. (The store logs a database outage itself.)
@@ -90,8 +97,14 @@ class Gateway:
         finally:
             trace.finish()
             # Every authenticated chat is counted, failed ones too; the recorder never blocks.
-            if self.runtime is not None and trace.user_id is not None:
-                self.runtime.usage.record(trace)
+            if self.runtime is not None:
+                if trace.user_id is not None:
+                    self.runtime.usage.record(trace)
+                if self.settings.metrics:
+                    self.runtime.metrics.observe(trace)
+            log_access(trace)
+            if tracing is not None:
+                tracing.end(trace)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

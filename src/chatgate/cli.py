@@ -132,7 +132,7 @@ def serve(
         raise _fail(problem)
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = _settings().model_copy(update=overrides)
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     shown = make_url(settings.database_url).render_as_string(hide_password=True)
     err.print(f"chatgate serving on http://{settings.host}:{settings.port} (database: {shown})", highlight=False)
     gateway = create_app(settings)

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # `json`: one JSON object per line (for log pipelines); `text`: lines for a person.
+    log_format: Literal["text", "json"] = "text"
     # Where the generated secrets (key file, first admin token) live in the embedded setup.
     data_dir: Path = Path(".")
 
@@ -86,7 +88,14 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(0, ge=0)
     max_concurrent_streams: int = Field(0, ge=0)
 
-    @field_validator("log_level", mode="before")
+    # Prometheus metrics of the chats (off: /metrics keeps only the process counters, and a chat
+    # costs nothing more). A scrape token lets a Prometheus server read /metrics without an admin
+    # token; `metrics_max_models` bounds the `model` label (later models are counted as `other`).
+    metrics: bool = True
+    metrics_token: SecretStr = SecretStr("")
+    metrics_max_models: int = Field(50, ge=0)
+
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

@@ -1,38 +1,287 @@
-"""Prometheus counters of one process, served at `GET /metrics`.
+"""Prometheus metrics of one process, served at `GET /metrics`.
 
 A registry per process (not prometheus-client's global one), so that several apps in one
 interpreter (tests) do not share counts.
+
+The hot path pays for a chat once, at its end (`observe`), from the figures its `ChatTrace`
+gathered anyway; nothing is done per chunk. The chat metrics are plain counts in dicts keyed by
+label values, turned into metric families only when scraped: prometheus_client's own children
+cost ~6 µs a chat (`.labels()` builds and validates a key; each observation takes two locks),
+these ~1.5 µs. Gauges that describe state (streams in flight, pool connections) are read when
+scraped, not kept up to date.
+
+Label cardinality is bounded: the `model` label is the upstream model name (`gen_ai.request.model`)
+for the first `max_models` names a process sees, and `other` for every later one, so 10,000 user
+models give at most `max_models + 2` series per label set; `none` is a chat that never reached
+a model (unauthenticated, unknown model, bad request).
+
+Several worker processes (not built yet): the chat figures are plain data (label values to a
+count, or to bucket counts and a sum), so the worker answering a scrape can sum every worker's
+(shared memory or a file each, as prometheus_client's multiprocess mode does) without a `pid`
+label; the gauges add up the same way.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from itertools import accumulate
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Info, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from chatgate import __version__
+from chatgate.errors import (
+    ChatgateError,
+    UpstreamIncomplete,
+    UpstreamProtocolError,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from chatgate.trace import ChatTrace
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "failure_kind"]
+
+# The OpenTelemetry GenAI semantic conventions' explicit bucket boundaries.
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+FIRST_CHUNK_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+# chatgate's own time is counted in tens of microseconds: finer buckets than any GenAI one.
+ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+NO_MODEL = "none"
+OTHER_MODELS = "other"
+
+_KINDS: tuple[tuple[type[ChatgateError], str], ...] = (
+    (UpstreamUnreachable, "connect"),
+    (UpstreamTimeout, "timeout"),
+    (UpstreamStatus, "status"),
+    (UpstreamIncomplete, "cut"),
+    (UpstreamProtocolError, "protocol"),
+)
+
+
+def failure_kind(exc: ChatgateError, *, answered: bool = False) -> str | None:
+    """The kind of an upstream failure, as the `kind` label counts it; None for any other error.
+    A connection lost after the upstream `answered` is a cut, not a failure to connect."""
+    if answered and isinstance(exc, UpstreamUnreachable):
+        return "cut"
+    for cls, kind in _KINDS:
+        if isinstance(exc, cls):
+            return kind
+    return None
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "5xx"
+
+
+class _StateCollector(Collector):
+    """Gauges read at scrape time from the process's live objects."""
+
+    def __init__(self, in_flight: Callable[[], int], pool: Callable[[], tuple[int, int]]) -> None:
+        self._in_flight = in_flight
+        self._pool = pool
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "chatgate_streams_in_flight", "Chats with an upstream request open now.", value=self._in_flight()
+        )
+        open_, idle = self._pool()
+        pool = GaugeMetricFamily(
+            "chatgate_upstream_connections", "Upstream connections of the pool, by state.", labels=["state"]
+        )
+        pool.add_metric(["open"], open_)
+        pool.add_metric(["idle"], idle)
+        yield pool
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+class _Histogram:
+    """One label set's bucket counts, as plain numbers: observing is a bisect and two additions.
+    prometheus_client's own takes a lock per bucket and per sum (~1 µs an observation, 6 µs a
+    chat); chatgate observes and renders on the event loop's one thread, so no lock is needed."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * (buckets + 1)  # the last is +Inf
+        self.total = 0.0
+
+
+# name: (help, label names, buckets)
+_HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
+    "gen_ai_client_operation_duration_seconds": (
+        "Chat duration, from the request's arrival to its last byte (GenAI convention).",
+        ("route", "model"),
+        DURATION_BUCKETS,
+    ),
+    "gen_ai_client_operation_time_to_first_chunk_seconds": (
+        "From the request's arrival to the first byte of the answer sent to the client.",
+        ("route", "model"),
+        FIRST_CHUNK_BUCKETS,
+    ),
+    "chatgate_upstream_time_to_first_byte_seconds": (
+        "From the upstream request sent to the model server's response head.",
+        ("model",),
+        FIRST_CHUNK_BUCKETS,
+    ),
+    "chatgate_added_seconds": (
+        "chatgate's own time in a chat: request arrival to upstream request sent, plus the upstream "
+        "read that made the client's first byte to that byte.",
+        ("route",),
+        ADDED_BUCKETS,
+    ),
+    "gen_ai_client_token_usage": (
+        "Tokens per chat as the model server counted them, by type (input, output).",
+        ("model", "gen_ai_token_type"),
+        TOKEN_BUCKETS,
+    ),
+}
+_DURATION, _FIRST_CHUNK, _UPSTREAM, _ADDED, _TOKENS = _HISTOGRAMS
+_BOUNDS = {name: buckets for name, (_doc, _labels, buckets) in _HISTOGRAMS.items()}
+# The `le` labels as prometheus_client writes them ("1.6777216e+07").
+_LE: dict[float, str] = {
+    bound: floatToGoString(bound)  # type: ignore[no-untyped-call]
+    for buckets in _BOUNDS.values()
+    for bound in buckets
+}
+# name: (help, label names)
+_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "chatgate_requests": (
+        "Chat requests, by route, model and status class (a client that left counts as 4xx).",
+        ("route", "model", "status_class"),
+    ),
+    "chatgate_upstream_failures": (
+        "Chats the model server failed, by kind: connect, timeout, status, cut, protocol.",
+        ("kind",),
+    ),
+    "chatgate_client_disconnects": ("Chats whose client left before the answer ended.", ("route",)),
+    "chatgate_database_errors": ("Chats answered 503 because the database did not answer.", ()),
+}
+_REQUESTS, _FAILURES, _GONE, _DATABASE = _COUNTERS
+
+
+class _ChatCollector(Collector):
+    """The chat metrics, rendered from the plain counts `Metrics.observe` keeps."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        counts = self._metrics.counts
+        for name, (doc, labels) in _COUNTERS.items():
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for (counter, values), count in counts.items():
+                if counter == name:
+                    family.add_metric(values, count)
+            yield family
+        histograms = self._metrics.histograms
+        for name, (doc, labels, bounds) in _HISTOGRAMS.items():
+            histogram_family = HistogramMetricFamily(name, doc, labels=labels)
+            for (histogram, values), kept in histograms.items():
+                if histogram == name:
+                    cumulative = list(accumulate(kept.counts))
+                    buckets = [(_LE[b], c) for b, c in zip(bounds, cumulative, strict=False)]
+                    buckets.append(("+Inf", cumulative[-1]))
+                    histogram_family.add_metric(values, buckets, kept.total)
+            yield histogram_family
+
+    def describe(self) -> Iterable[Metric]:
+        return []
 
 
 class Metrics:
-    """The counters chatgate keeps."""
+    """The metrics chatgate keeps."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_models: int = 50) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.max_models = max_models
+        self._models: set[str] = set()
+        # Plain counts keyed by (metric, label values), rendered by _ChatCollector at a scrape.
+        self.counts: dict[tuple[str, tuple[str, ...]], int] = {}
+        self.histograms: dict[tuple[str, tuple[str, ...]], _Histogram] = {}
+        registry = self.registry
+        Info("chatgate_build", "The running chatgate.", registry=registry).info({"version": __version__})
+        registry.register(_ChatCollector(self))
         self.redis_errors = Counter(
             "chatgate_redis_errors",
             "Redis calls that failed or timed out, by operation; chatgate carried on without Redis.",
             ["operation"],
-            registry=self.registry,
+            registry=registry,
         )
         self.limits_fail_open = Counter(
             "chatgate_limits_fail_open",
             "Requests admitted without a rate or stream-cap check because Redis was unavailable.",
-            registry=self.registry,
+            registry=registry,
         )
         self.cache_invalidations = Counter(
             "chatgate_model_cache_invalidations",
             "Model-cache invalidations received from other instances (Redis pub/sub).",
-            registry=self.registry,
+            registry=registry,
         )
+
+    def watch(self, in_flight: Callable[[], int], pool: Callable[[], tuple[int, int]]) -> None:
+        """Report streams in flight and the upstream pool's connections, read at each scrape."""
+        self.registry.register(_StateCollector(in_flight, pool))
+
+    def model_label(self, name: str) -> str:
+        """`name` while fewer than `max_models` names were seen (or it is one of them), else `other`."""
+        if not name:
+            return NO_MODEL
+        if name in self._models:
+            return name
+        if len(self._models) < self.max_models:
+            self._models.add(name)
+            return name
+        return OTHER_MODELS
+
+    def _count(self, name: str, labels: tuple[str, ...]) -> None:
+        key = (name, labels)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def _observe(self, name: str, labels: tuple[str, ...], value: float) -> None:
+        key = (name, labels)
+        histogram = self.histograms.get(key)
+        bounds = _BOUNDS[name]
+        if histogram is None:
+            histogram = self.histograms[key] = _Histogram(len(bounds))
+        histogram.counts[bisect_left(bounds, value)] += 1  # `le` is inclusive: bisect_left
+        histogram.total += value
+
+    def observe(self, trace: ChatTrace) -> None:
+        """Count one finished chat (called once, at its end, on the event loop)."""
+        route = trace.endpoint
+        model = self.model_label(trace.model)
+        status = trace.status or (499 if trace.client_gone else 500)
+        self._count(_REQUESTS, (route, model, status_class(status)))
+        both = (route, model)
+        if trace.duration is not None:
+            self._observe(_DURATION, both, trace.duration)
+        if trace.ttfb is not None:
+            self._observe(_FIRST_CHUNK, both, trace.ttfb)
+        if trace.upstream_ttfb is not None:
+            self._observe(_UPSTREAM, (model,), trace.upstream_ttfb)
+        if trace.prompt_tokens is not None:
+            self._observe(_TOKENS, (model, "input"), trace.prompt_tokens)
+        if trace.completion_tokens is not None:
+            self._observe(_TOKENS, (model, "output"), trace.completion_tokens)
+        added = trace.added
+        if added is not None:
+            self._observe(_ADDED, (route,), added)
+        if trace.error_kind is not None:
+            if trace.error_kind == "database":
+                self._count(_DATABASE, ())
+            else:
+                self._count(_FAILURES, (trace.error_kind,))
+        if trace.client_gone:
+            self._count(_GONE, (route,))
 
     def render(self) -> bytes:
         """The text exposition format."""

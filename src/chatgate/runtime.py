@@ -38,6 +38,7 @@ from chatgate.security.ssrf import (
 )
 from chatgate.security.supabase import SupabaseVerifier
 from chatgate.store import db
+from chatgate.tracing import Tracing
 from chatgate.upstream.client import UpstreamClient
 from chatgate.usage import UsageRecorder
 
@@ -129,6 +130,7 @@ class Runtime:
     redis: Redis | None = None
     bus: CacheBus | None = None
     chats: RunningChats = field(default_factory=RunningChats)  # for the drain at shutdown
+    tracing: Tracing | None = None  # OpenTelemetry, when an OTLP endpoint is configured
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -141,7 +143,7 @@ class Runtime:
         await bootstrap_admin(settings, accounts)
         supabase = supabase_verifier(settings)
         sessions = Sessions(engine)
-        metrics = Metrics()
+        metrics = Metrics(max_models=settings.metrics_max_models)
         keys = Keys.from_settings(settings)
         redis: Redis | None = None
         bus: CacheBus | None = None
@@ -170,7 +172,7 @@ class Runtime:
         await upstream.start()
         usage = UsageRecorder(engine)
         usage.start()
-        return cls(
+        runtime = cls(
             settings=settings,
             engine=engine,
             registry=registry,
@@ -184,10 +186,15 @@ class Runtime:
             usage=usage,
             redis=redis,
             bus=bus,
+            tracing=Tracing.from_environment(),
         )
+        metrics.watch(lambda: len(runtime.chats), upstream.pool_counts)
+        return runtime
 
     async def close(self) -> None:
         await self.upstream.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # exports the last spans
         await self.usage.close()  # after the last chat, before the engine goes
         if self.supabase is not None:
             await self.supabase.aclose()

@@ -8,6 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 _PROCESS = os.urandom(8).hex()
 _SEQUENCE = itertools.count(1)
@@ -28,6 +29,8 @@ class ChatTrace:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     t0: float = field(default_factory=time.perf_counter)
     model_id: uuid.UUID | None = None
+    model: str = ""  # the upstream model name (`gen_ai.request.model`), once the model is known
+    base_url: str = ""
     user_id: uuid.UUID | None = None
     status: int = 0
     ttfb: float | None = None
@@ -37,6 +40,16 @@ class ChatTrace:
     bytes_out: int = 0
     client_gone: bool = False
     error: str | None = None
+    error_kind: str | None = None  # an upstream failure: connect, timeout, status, cut, protocol
+    # Seconds from t0 to sending the upstream request, and from then to the upstream's head:
+    # with `ttfb`, what chatgate itself added before the first client byte.
+    upstream_at: float | None = None
+    upstream_ttfb: float | None = None
+    # Seconds from t0 to the last upstream read before the first client byte (streams only).
+    upstream_read_at: float | None = None
+    # Tracing (off unless configured): the chat's span, and the header lines that carry it upstream.
+    span: Any = None
+    upstream_headers: bytes = b""
 
     @property
     def started(self) -> bool:
@@ -44,6 +57,28 @@ class ChatTrace:
 
     def first_byte(self) -> None:
         self.ttfb = time.perf_counter() - self.t0
+
+    def upstream_sent(self) -> None:
+        self.upstream_at = time.perf_counter() - self.t0
+
+    def upstream_answered(self) -> None:
+        if self.upstream_at is not None:
+            self.upstream_ttfb = time.perf_counter() - self.t0 - self.upstream_at
+
+    def upstream_read(self) -> None:
+        self.upstream_read_at = time.perf_counter() - self.t0
+
+    @property
+    def added(self) -> float | None:
+        """chatgate's own time before the first client byte: arrival to upstream request, plus
+        the upstream read that made the first client byte (else the upstream's head) to that
+        byte; None unless the upstream answered and the client got a byte."""
+        if self.ttfb is None or self.upstream_at is None or self.upstream_ttfb is None:
+            return None
+        arrived = self.upstream_read_at
+        if arrived is None:
+            arrived = self.upstream_at + self.upstream_ttfb
+        return self.upstream_at + max(0.0, self.ttfb - arrived)
 
     def finish(self) -> None:
         self.duration = time.perf_counter() - self.t0

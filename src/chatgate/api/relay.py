@@ -13,6 +13,7 @@ import orjson
 from chatgate.api.asgi import DisconnectWatch, Receive, Scope, abort_response, parse_json, read_body
 from chatgate.drain import shutting_down
 from chatgate.errors import ChatgateError, UpstreamIncomplete, UpstreamProtocolError, UpstreamStatus
+from chatgate.metrics import failure_kind
 from chatgate.registry import ModelRecord
 from chatgate.runtime import Runtime
 from chatgate.security.crypto import mask
@@ -78,13 +79,15 @@ async def run_chat(
     comes only when the whole answer is ready).
     """
     trace.model_id = record.id
+    trace.model = record.model_id
+    trace.base_url = record.base_url
     target = Target(chat_completions_url(record.base_url), record.api_key)
     watch = DisconnectWatch(scope, receive)
     try:
         runtime.chats.add(watch)  # so that a shutdown can wait for it, and end it
         async with runtime.limiter.stream(str(trace.user_id)):
             try:
-                await _exchange(runtime, target, orjson.dumps(payload), accept, first_byte_timeout, relay)
+                await _exchange(runtime, trace, target, orjson.dumps(payload), accept, first_byte_timeout, relay)
             except UpstreamStatus as exc:
                 if fallback is None or trace.started or not refuses_stream_options(exc):
                     raise
@@ -94,7 +97,7 @@ async def run_chat(
                     trace.request_id,
                     record.id,
                 )
-                await _exchange(runtime, target, orjson.dumps(fallback), accept, first_byte_timeout, relay)
+                await _exchange(runtime, trace, target, orjson.dumps(fallback), accept, first_byte_timeout, relay)
     except asyncio.CancelledError:
         if not watch.absorb():
             raise
@@ -106,6 +109,9 @@ async def run_chat(
             log.info("request %s: client went away; upstream request closed", trace.request_id)
     except ChatgateError as exc:
         scrub_key(exc, record.api_key)
+        if isinstance(exc, UpstreamStatus) and trace.upstream_ttfb is None:
+            trace.upstream_answered()  # an error head is an answer too (its body read included)
+        trace.error_kind = failure_kind(exc, answered=trace.upstream_ttfb is not None)
         if not trace.started and isinstance(exc, UpstreamProtocolError | UpstreamIncomplete):
             # An answer chatgate cannot relay: the caller gets a 502, the operator the reason.
             log.warning("request %s: model %s: %s", trace.request_id, record.id, exc.message)
@@ -180,10 +186,38 @@ def scrub_key(exc: ChatgateError, api_key: str) -> None:
         exc.body = exc.body.replace(api_key.encode(), mask(api_key).encode())
 
 
+def _time_first_reads(response: Response, trace: ChatTrace) -> None:
+    """Note when each upstream read arrives until the client has its first byte, so that the
+    added time does not count the model's wait between its head and its first token; then the
+    plain read is put back: no cost per chunk after the first client byte."""
+    read = response.next_chunk
+
+    async def timed() -> bytes | None:
+        if trace.started:
+            response.next_chunk = read
+            return await read()
+        chunk = await read()
+        trace.upstream_read()
+        return chunk
+
+    response.next_chunk = timed
+
+
 async def _exchange(
-    runtime: Runtime, target: Target, body: bytes, accept: str, first_byte_timeout: float | None, relay: Relay
+    runtime: Runtime,
+    trace: ChatTrace,
+    target: Target,
+    body: bytes,
+    accept: str,
+    first_byte_timeout: float | None,
+    relay: Relay,
 ) -> None:
-    response = await runtime.upstream.open(target, body, accept=accept, first_byte_timeout=first_byte_timeout)
+    trace.upstream_sent()
+    response = await runtime.upstream.open(
+        target, body, accept=accept, first_byte_timeout=first_byte_timeout, extra_headers=trace.upstream_headers
+    )
+    trace.upstream_answered()
+    _time_first_reads(response, trace)
     try:
         await relay(response)
     except STREAM_FAILURES as exc:

@@ -120,6 +120,10 @@ class UpstreamClient:
             max_body_bytes=settings.max_response_bytes,
         )
 
+    def pool_counts(self) -> tuple[int, int]:
+        """Upstream connections open and idle (0, 0 before start-up)."""
+        return self._pool.counts() if self._pool is not None else (0, 0)
+
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
@@ -142,11 +146,13 @@ class UpstreamClient:
         accept: str = "text/event-stream",
         first_byte_timeout: float | None = None,
         method: bytes = b"POST",
+        extra_headers: bytes = b"",
     ) -> Response:
         """Send `body` (none for a GET) to the target and return the successful response, whose head is in. The
         caller must `release()` it (one not read to the end closes its connection, so the
         upstream stops generating). `first_byte_timeout` replaces the setting for this request;
         for an answer that is not an event stream it bounds the whole answer, head and body.
+        `extra_headers` are more header lines, each ending CRLF (a trace's `traceparent`).
 
         Raises an `UpstreamError` (or `BadRequest` for a refused address) instead of answering
         with an error status.
@@ -158,6 +164,8 @@ class UpstreamClient:
         except ValueError:
             raise BadRequest("The model's base URL is not a valid URL", param="base_url") from None
         headers = _request_headers(accept, target.api_key, method)
+        if extra_headers:
+            headers += extra_headers
         # A JSON answer comes whole when it is ready: its deadline covers the body too, so a
         # server that trickles it after the head cannot hold the request past the timeout.
         whole = accept != "text/event-stream"

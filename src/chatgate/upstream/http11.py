@@ -153,8 +153,15 @@ def _head_too_large() -> ProtocolError:
 class _Connection(asyncio.Protocol):
     """One upstream connection; carries one request at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float, key: tuple[str, str, int]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        idle_timeout: float,
+        key: tuple[str, str, int],
+        live: set[_Connection] | None = None,
+    ) -> None:
         self.key = key
+        self._live = live  # the pool's open connections, counted for /metrics
         self._loop = loop
         self._idle_timeout = idle_timeout
         self.transport: asyncio.Transport | None = None
@@ -186,6 +193,8 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
+        if self._live is not None:
+            self._live.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -225,6 +234,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._live is not None:
+            self._live.discard(self)
         if self.state is _BODY and exc is None and self._error is None and self._until_close():
             self.on_message_complete()  # a body without length or chunking ends with the connection
         if self.state is not _DONE:
@@ -463,6 +474,7 @@ class Pool:
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
         self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._closed = False
+        self._live: set[_Connection] = set()
 
     async def request(
         self,
@@ -547,7 +559,7 @@ class Pool:
             try:
                 async with asyncio.timeout(share):
                     _transport, conn = await loop.create_connection(
-                        lambda: _Connection(loop, self._idle_timeout, where.key),
+                        lambda: _Connection(loop, self._idle_timeout, where.key, self._live),
                         address,
                         where.port,
                         ssl=ssl_context,
@@ -594,6 +606,10 @@ class Pool:
             return
         conn.recycle(now + expiry)
         idle.append(conn)
+
+    def counts(self) -> tuple[int, int]:
+        """Connections open and, of those, idle in the pool (read when /metrics is scraped)."""
+        return len(self._live), sum(len(idle) for idle in self._idle.values())
 
     async def close(self) -> None:
         self._closed = True

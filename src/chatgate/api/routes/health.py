@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+
 from fastapi import APIRouter, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -29,11 +31,21 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(runtime: RuntimeDep, principal: PrincipalDep) -> Response:
-    """Prometheus counters of this process (admins only: scrape with an admin token)."""
-    if not principal.is_admin:
-        raise NotFound("Not Found")
+async def metrics(request: Request, runtime: RuntimeDep) -> Response:
+    """Prometheus metrics of this process, for the scrape token (`CHATGATE_METRICS_TOKEN`), so
+    that a Prometheus server needs no admin credential, or an admin's token."""
+    if not _scrape_token_given(request, runtime.settings.metrics_token.get_secret_value()):
+        principal = await runtime.admit(request.scope)
+        if not principal.is_admin:
+            raise NotFound("Not Found")
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _scrape_token_given(request: Request, token: str) -> bool:
+    if not token:
+        return False
+    given = request.headers.get("authorization", "").encode()
+    return hmac.compare_digest(given, b"Bearer " + token.encode())
 
 
 @router.get("/openapi.json", include_in_schema=False)
