@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -165,6 +166,10 @@ async def jwks_server(
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         await writer.drain()
         writer.close()
+        # Closed before the loop ends: a transport left closing was collected in a later test
+        # and failed it with an unraisable ResourceWarning.
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     try:
@@ -317,6 +322,8 @@ def test_a_hung_jwks_server_is_a_service_error_within_the_timeout(monkeypatch: p
         finally:
             for writer in writers:
                 writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
             server.close()
             await server.wait_closed()
 

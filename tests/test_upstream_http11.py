@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,8 @@ async def serve(handler: Handler) -> tuple[asyncio.Server, str]:
             await handler(reader, writer)
         finally:
             writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()  # not left closing when the loop ends
 
     server = await asyncio.start_server(closing, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
