@@ -262,3 +262,69 @@ def _with_engine(url: str, body: Callable[[AsyncEngine], Awaitable[Any]]) -> Any
             await engine.dispose()
 
     return asyncio.run(go())
+
+
+def test_summary_keeps_exact_time_bounds_and_filters(database_url: str) -> None:
+    """--since/--until may fall inside a day; a model may be named; the console asks for one user."""
+    a = uuid.uuid4()
+    me, other = uuid.uuid4(), uuid.uuid4()
+    day = datetime(2025, 3, 1, tzinfo=UTC)
+    rows = [usage_row(a, day + timedelta(hours=h), ttfb=h / 10) | {"user_id": me} for h in range(24)]
+    rows += [usage_row(a, day + timedelta(hours=12, minutes=30)) | {"user_id": other}]
+
+    async def go(engine: AsyncEngine) -> Any:
+        await db.upgrade(engine)
+        async with engine.begin() as conn:
+            await conn.execute(usage_table.insert(), rows)
+            await conn.execute(
+                models_table.insert(),
+                [
+                    {
+                        "id": a,
+                        "user_id": me,
+                        "api_key": "",
+                        "base_url": "",
+                        "description": "",
+                        "model_id": "m",
+                        "name": "mine",
+                    }
+                ],
+            )
+        since, until = day + timedelta(hours=6), day + timedelta(hours=18)
+        return (
+            await summarize_usage(engine, since=since, until=until),
+            await summarize_usage(engine, model="mine", since=since, until=until, user_id=me),
+            await summarize_usage(engine, model="nobody's", since=since, until=until),
+        )
+
+    window, mine, unknown = _with_engine(database_url, go)
+    assert [(s.model, s.requests) for s in window] == [("mine", 13)]  # 06:00..17:00, and the other user's 12:30
+    assert window[0].ttfb_p50 == pytest.approx(1.1)  # nearest rank 7 of 0.6..1.7 and 0.1
+    assert [(s.model, s.requests, s.ttfb_p50, s.ttfb_p95) for s in mine] == [("mine", 12, 1.1, 1.7)]
+    assert unknown == []
+
+
+@pytest.mark.backends("sqlite")
+def test_sqlite_report_walks_its_covering_index(database_url: str) -> None:
+    """The report's expressions must be the index's, character for character, or SQLite sorts every
+    row again (seconds for a million): the plan says which it does."""
+    from sqlalchemy.dialects import sqlite
+
+    from chatgate.usage import _sqlite_groups
+
+    async def go(engine: AsyncEngine) -> list[str]:
+        await db.upgrade(engine)
+        plans: list[str] = []
+        async with engine.connect() as conn:
+
+            class Explaining:
+                async def execute(self, query: Any) -> list[Any]:
+                    sql = str(query.compile(dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True}))
+                    plans.extend(row[-1] for row in await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+                    return []
+
+            await _sqlite_groups(Explaining(), None, datetime(2025, 3, 1, 5, tzinfo=UTC), datetime(2025, 3, 8), None)
+        return plans
+
+    plans = _with_engine(database_url, go)
+    assert plans == ["SEARCH chatgate_usage USING COVERING INDEX idx_chatgate_usage_report (<expr>>? AND <expr><?)"]
