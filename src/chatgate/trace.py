@@ -30,6 +30,7 @@ class ChatTrace:
     t0: float = field(default_factory=time.perf_counter)
     model_id: uuid.UUID | None = None
     model: str = ""  # the upstream model name (`gen_ai.request.model`), once the model is known
+    response_model: str | None = None  # the name the model server answered with (`gen_ai.response.model`)
     base_url: str = ""
     user_id: uuid.UUID | None = None
     status: int = 0
@@ -82,6 +83,11 @@ class ChatTrace:
 
     def finish(self) -> None:
         self.duration = time.perf_counter() - self.t0
+
+    def answered_as(self, name: object) -> None:
+        """Keep the model name of the server's answer (its `model` field), if it is a sane one."""
+        if isinstance(name, str) and 0 < len(name) <= 256 and name.isprintable():
+            self.response_model = name
 
     def count_tokens(self, usage: object) -> None:
         """Take the token counts from an upstream `usage` object; what is missing stays unknown."""

@@ -104,6 +104,8 @@ class Tracing:
         if trace.model:
             attributes["gen_ai.request.model"] = trace.model
             span.update_name(f"chat {trace.model}")
+        if trace.response_model is not None:
+            attributes["gen_ai.response.model"] = trace.response_model
         if trace.prompt_tokens is not None:
             attributes["gen_ai.usage.input_tokens"] = trace.prompt_tokens
         if trace.completion_tokens is not None:

@@ -86,7 +86,10 @@ def test_one_span_per_chat_with_genai_attributes(tmp_path: Path, receiver: Recei
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
     with ChatgateServer(tmp_path / "chatgate", extra_env=env) as server:
         ok, failing = unique_name("m"), unique_name("m")
-        fake.script(ok, {"steps": [{"delta": "Hi"}, {"usage": True}, {"done": True}]})
+        # The server answers with a dated name, as OpenAI does for an alias.
+        fake.script(
+            ok, {"answer_model": f"{ok}-2026-12-02", "steps": [{"delta": "Hi"}, {"usage": True}, {"done": True}]}
+        )
         fake.script(failing, {"status": 500, "steps": [{"body": {"error": {"message": "boom"}}}]})
         ok_id = server.add_model(base_url=fake.base_url, model_id=ok)
         failing_id = server.add_model(base_url=fake.base_url, model_id=failing)
@@ -115,6 +118,7 @@ def test_one_span_per_chat_with_genai_attributes(tmp_path: Path, receiver: Recei
         "gen_ai.request.model": ok,
         "server.address": "127.0.0.1",
     }
+    assert found["gen_ai.response.model"] == f"{ok}-2026-12-02"
     assert (found["gen_ai.usage.input_tokens"], found["gen_ai.usage.output_tokens"]) == (7, 5)
     assert found["http.response.status_code"] == 200 and "error.type" not in found
     # The model server got the span's own context: same trace, chatgate's span as parent.

@@ -329,7 +329,7 @@ class _Responder:
             kind = step_kind(step)
             if not (explicit_headers or self.is_body or kind in PRE_HEADER_STEPS):
                 await self.send_headers()
-            await self.play(kind, step[kind], model)
+            await self.play(kind, step[kind], self.script.get("answer_model", model))
         if self.is_body:
             return
         await self.send_headers()  # an empty script is an empty 200

@@ -7,6 +7,8 @@ A script is JSON::
 All keys are optional. `framing` is "chunked" (default, like real servers: each step is its own
 chunk and its own write), "close" (no length; the body ends when the fake closes the connection)
 or "raw" (no status line or headers at all: the steps write every byte, then the connection closes).
+`answer_model` is the `model` name the answer's chunks carry (default: the requested one), as
+OpenAI answers an alias with a dated name.
 
 Each step is an object with exactly one of these keys:
 
@@ -76,9 +78,11 @@ def validate(script: Any) -> Script:
     """Check one script and return it; raises ScriptError with the reason."""
     if not isinstance(script, dict):
         raise ScriptError("a script is a JSON object")
-    unknown = set(script) - {"status", "headers", "framing", "steps"}
+    unknown = set(script) - {"status", "headers", "framing", "steps", "answer_model"}
     if unknown:
         raise ScriptError(f"unknown script keys {sorted(unknown)}")
+    if not isinstance(script.get("answer_model", ""), str):
+        raise ScriptError("answer_model is the model name the chunks carry, a string")
     if not isinstance(script.get("status", 200), int):
         raise ScriptError("status must be an integer")
     headers = script.get("headers", {})

@@ -199,6 +199,8 @@ def _delta_text(obj: object, trace: ChatTrace) -> str | None:
     error = obj.get("error")
     if error is not None:
         raise UpstreamStatus(502, _in_band_message(error))
+    if trace.response_model is None:
+        trace.answered_as(obj.get("model"))
     usage = obj.get("usage")
     if usage is not None:
         trace.count_tokens(usage)

@@ -164,6 +164,7 @@ class _JSONRelay:
                 answer = None
             if isinstance(answer, dict):
                 trace.count_tokens(answer.get("usage"))
+                trace.answered_as(answer.get("model"))
         content_type = response.header(b"content-type") or b"application/json"
         headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *self._headers]
         trace.first_byte()
@@ -291,6 +292,8 @@ class _StreamRelay:
         if not isinstance(chunk, dict):
             return True
         trace = self._trace
+        if trace.response_model is None:
+            trace.answered_as(chunk.get("model"))
         error = chunk.get("error")
         if error is not None:
             message = error.get("message") if isinstance(error, dict) else error
