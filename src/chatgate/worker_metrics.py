@@ -11,6 +11,10 @@ Counters never go backwards. A file is replaced whole (`os.replace`) and only ev
 the worker that restarts in a slot starts from the file its predecessor left there. Every scrape
 reads files only (its own just written), so two scrapes answered by different workers agree. What
 a worker killed outright (SIGKILL) counted in its last 50 ms is lost, never subtracted.
+
+Cost: a chat costs what it costs in one process. A worker writes its file at most 1/SOON + 1/EVERY
+= 21 times a second, ~50 µs of CPU each in the supervisor's tmpfs directory (/dev/shm): about
+1 ms of CPU a second under any load, 0.1% of a core. A scrape (write, read, sum, render) ~7 ms.
 """
 
 from __future__ import annotations
