@@ -343,3 +343,30 @@ def test_sigterm_drains_every_worker_and_their_streams_complete(
     assert len(re.findall(r"worker \d \(pid \d+\) stopped", log)) == 2
     assert "Traceback" not in log
     assert sorted(s for _, s in usage_rows(server)) == [200] * len(results)
+
+
+def test_ctrl_c_drains_once_and_a_second_one_stops_at_once(
+    make_workers: Callable[..., ChatgateServer], fake: FakeUpstream
+) -> None:
+    server = make_workers(drain_timeout=30)
+    name, gate = unique_name("m"), unique_name("gate")
+    fake.script(name, {"steps": [{"delta": "first"}, {"wait": gate}, {"delta": " and last"}, {"done": True}]})
+    model = server.add_model(base_url=fake.base_url, model_id=name)
+    assert server.process is not None and server.process.proc is not None
+    supervisor = server.process.proc
+    result: dict[str, Any] = {}
+    try:
+        with pytest.raises(httpx.HTTPError), held_stream(server, model, result) as holder:
+            assert holder in (1, 2)
+            # A Ctrl-C reaches the whole process group: the workers leave it to the supervisor,
+            # which passes it on once, so this is one drain, not a forced stop.
+            os.killpg(supervisor.pid, signal.SIGINT)
+            wait_until(lambda: "SIGINT: draining 2 worker(s)" in server.log_text())
+            time.sleep(1.0)
+            assert supervisor.poll() is None and "stopping now" not in server.log_text()
+            os.killpg(supervisor.pid, signal.SIGINT)  # the second: stop at once
+            assert supervisor.wait(15) == 0
+    finally:
+        fake.release(gate)
+    assert result["received"] == b"first"  # cut short, never completed
+    assert "SIGINT again: stopping the workers now" in server.log_text()
