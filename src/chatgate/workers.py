@@ -83,15 +83,16 @@ def check(settings: Settings) -> list[str]:
     ]
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to `host:port` with SO_REUSEPORT (not listening yet)."""
+def bind(host: str, port: int, *, shared: bool = True) -> socket.socket:
+    """A TCP socket bound to `host:port` (not listening yet), with SO_REUSEPORT when `shared`."""
     family, kind, proto, _name, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except BaseException:
         sock.close()
@@ -124,6 +125,9 @@ class Supervisor:
         """Serve until stopped; the exit status (0 when every worker drained and ended well)."""
         for warning in check(self.settings):
             log.warning("%s", warning)
+        # First without SO_REUSEPORT: that fails while anything holds the port, even another
+        # chatgate's workers, which the port shared with them would otherwise quietly join.
+        bind(self.settings.host, self.settings.port, shared=False).close()
         reserved = bind(self.settings.host, self.settings.port)
         try:
             port = reserved.getsockname()[1]

@@ -370,3 +370,17 @@ def test_ctrl_c_drains_once_and_a_second_one_stops_at_once(
         fake.release(gate)
     assert result["received"] == b"first"  # cut short, never completed
     assert "SIGINT again: stopping the workers now" in server.log_text()
+
+
+def test_a_second_supervisor_on_the_same_port_is_refused(make_workers: Callable[..., ChatgateServer]) -> None:
+    server = make_workers()
+    other = server.data_dir.parent / "other"
+    other.mkdir()
+    env = {**server.env, "CHATGATE_DATABASE_URL": f"sqlite:///{other}/db.sqlite", "CHATGATE_DATA_DIR": str(other)}
+    done = subprocess.run(
+        [sys.executable, "-m", "chatgate", "serve", "--workers", "2"],
+        capture_output=True, text=True, env=env, cwd=other, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert f"cannot serve on 127.0.0.1:{server.port}: Address already in use" in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr
