@@ -158,6 +158,8 @@ def serve(
         code = Supervisor(settings).run()
     except WorkersProblem as exc:
         raise _fail(str(exc), 2) from None
+    except ChatgateError as exc:  # the preparation: the database cannot be reached
+        raise _fail(exc.message) from None
     except OSError as exc:
         raise _fail(f"cannot serve on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
     raise typer.Exit(code)

@@ -276,6 +276,7 @@ async def _prepare(settings: Settings) -> None:
             accounts.close()
     finally:
         await engine.dispose()
+    Keys.from_settings(settings)  # the key file, when there is none and no CHATGATE_SECRET_KEY
 
 
 def _single_threaded(wait: float = 5.0) -> None:
