@@ -29,7 +29,7 @@ from bench import chatgate_env, litellm_env, procs, report
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"
-GROUPS = ("direct", "floor", "chatgate", "litellm")
+GROUPS = ("direct", "floor", "chatgate", "workers", "litellm")
 CHAT = [{"role": "user", "content": "hi"}]
 
 
@@ -47,6 +47,7 @@ class Options:
     litellm_hold: int
     slow_delay: float
     poll_idle: bool
+    workers: int
     out: Path
 
 
@@ -75,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="do not ask the kernel to poll when idle (P99 then includes VM wake-ups; see docs/performance.md)",
     )
     ap.add_argument("--slow-delay", type=float, default=5.0, help="seconds between deltas of a held stream (default 5)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="the `workers` path: chatgate's custom route under `serve --workers N` on every core (default 2)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     groups = tuple(g.strip() for g in a.paths.split(",") if g.strip())
@@ -96,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         litellm_hold=a.litellm_hold,
         slow_delay=a.slow_delay,
         poll_idle=not a.let_idle_halt,
+        workers=a.workers,
         out=a.out,
     )
 
@@ -115,6 +123,9 @@ class Target:
     release_port: int
     hold_streams: int  # 0: no hold scenario on this path
     headers: dict[str, str] = field(default_factory=dict)
+    # Served on every core (`--workers`): no core is the server's alone, so the CPU of other
+    # processes per core cannot be told apart; the client side's own CPU is reported instead.
+    spread: bool = False
 
 
 @dataclass
@@ -139,7 +150,9 @@ class Bench:
             "headers": target.headers,
             "watch_pids": watch,
             "aux_pids": self.upstream.pids if watch != self.upstream.pids else [],
-            "core_pids": {
+            "core_pids": {}
+            if target.spread
+            else {
                 procs.SERVER_CORE: watch if watch != self.upstream.pids else [],
                 procs.CLIENT_CORE: self.upstream.pids,
             },
@@ -174,12 +187,15 @@ class Bench:
         raw = self.loadgen(spec, timeout)
         summary = report.summarize(raw)
         self.runs.append({"path": target.name, "scenario": scenario, "rep": rep, "summary": summary, "raw": raw})
-        hold = f", held {summary.get('held', 0):,}, {summary.get('rss_per_stream_kb') or 0:.1f} KB/stream"
+        extra = ""
+        if scenario == "hold":
+            extra = f", held {summary.get('held', 0):,}, {summary.get('rss_per_stream_kb') or 0:.1f} KB/stream"
+        elif target.spread:
+            extra = f"; client side {summary['client_core_busy']:.0%} of a core"
         print(
             f"  {target.name:<16} {scenario:<4} rep {rep + 1}: {summary['throughput_rps']:>8,.0f} req/s  "
             f"TTFB P50 {summary['ttfb_p50_ms'] or 0:8.3f} ms  P99 {summary['ttfb_p99_ms'] or 0:8.3f} ms  "
-            f"CPU {summary['cpu_ms_per_req'] or 0:7.3f} ms/req  errors {summary['errors']}"
-            + (hold if scenario == "hold" else ""),
+            f"CPU {summary['cpu_ms_per_req'] or 0:7.3f} ms/req  errors {summary['errors']}" + extra,
             flush=True,
         )
 
@@ -252,10 +268,11 @@ def run_floor(b: Bench) -> None:
         b.measure([t], server.pids)
 
 
-def run_chatgate(b: Bench) -> None:
+def _prepare_chatgate(
+    b: Bench, port: int
+) -> tuple[Path, dict[str, str], chatgate_env.BenchModels, dict[str, str]] | None:
+    """A data directory, environment, registered models and auth headers; None (noted) when chatgate is unavailable."""
     data_dir = Path(tempfile.mkdtemp(prefix="chatgate-bench-"))
-    port = procs.free_port()
-    streams = hold_for(b.opts, 2, b.notes, "chatgate")
     env = {**os.environ, **chatgate_env.env(data_dir, port)}
     try:
         chatgate_env.check_cli(env, ROOT)
@@ -264,18 +281,28 @@ def run_chatgate(b: Bench) -> None:
     except chatgate_env.ChatgateUnavailable as exc:
         print(f"  chatgate not available: {exc}", flush=True)
         b.notes.append(f"chatgate not available: {str(exc).splitlines()[0]}")
+        return None
+    return data_dir, env, models, headers
+
+
+def custom_body(model_id: str) -> dict[str, Any]:
+    return {"chatSettings": {"model": "bench-model", "temperature": 0.5}, "messages": CHAT, "customModelId": model_id}
+
+
+def run_chatgate(b: Bench) -> None:
+    port = procs.free_port()
+    streams = hold_for(b.opts, 2, b.notes, "chatgate")
+    prepared = _prepare_chatgate(b, port)
+    if prepared is None:
         return
+    data_dir, env, models, headers = prepared
     server = procs.start(
         "chatgate", chatgate_env.serve_command(), port=port, core=procs.SERVER_CORE, log_dir=b.log_dir,
         env=env, cwd=data_dir,
     )  # fmt: skip
     with running(server, "/healthz", 60):
         up = b.upstream.port
-        custom = {
-            "chatSettings": {"model": "bench-model", "temperature": 0.5},
-            "messages": CHAT,
-            "customModelId": models.fast,
-        }
+        custom = custom_body(models.fast)
         targets = [
             Target(
                 "chatgate custom", port, "/api/chat/custom", custom, f"tok{b.opts.chunks - 1}",
@@ -289,6 +316,41 @@ def run_chatgate(b: Bench) -> None:
             ),
         ]  # fmt: skip
         b.measure(targets, server.pids)
+
+
+def run_chatgate_workers(b: Bench) -> None:
+    """The custom route under `serve --workers N`, on every core: its throughput beside the one
+    pinned process's (`chatgate custom`). The upstream and the load generator stay on core 1 and
+    compete there with a worker; each run reports how much of a core they took."""
+    workers = b.opts.workers
+    port = procs.free_port()
+    prepared = _prepare_chatgate(b, port)
+    if prepared is None:
+        return
+    data_dir, env, models, headers = prepared
+    cores = f"{procs.SERVER_CORE},{procs.CLIENT_CORE}"
+    name = f"chatgate custom w{workers}"
+    server = procs.start(
+        name.replace(" ", "-"), chatgate_env.serve_command(workers), port=port, core=cores,
+        log_dir=b.log_dir, env=env, cwd=data_dir,
+    )  # fmt: skip
+    with running(server, "/healthz", 60):
+        deadline = time.monotonic() + 60
+        while len(server.pids) < workers + 1:  # the supervisor and every worker, to count their CPU
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: {len(server.pids) - 1} of {workers} workers started")
+            time.sleep(0.2)
+            server.pids = procs.children_of(server.proc.pid)
+        time.sleep(2.0)  # every worker listening, not only started
+        target = Target(
+            name, port, "/api/chat/custom", custom_body(models.fast), f"tok{b.opts.chunks - 1}",
+            "/api/chat/custom", custom_body(models.slow), None, b.upstream.port, 0, headers, spread=True,
+        )  # fmt: skip
+        b.measure([target], server.pids)
+        b.notes.append(
+            f"{name}: {workers} workers over cores {cores}, sharing core {procs.CLIENT_CORE} with the upstream and "
+            "the load generator (their CPU is in the run's client_core_busy; CPU per request counts every worker)"
+        )
 
 
 def run_litellm(b: Bench) -> None:
@@ -321,6 +383,7 @@ RUNNERS: dict[str, Callable[[Bench], None]] = {
     "direct": run_direct,
     "floor": run_floor,
     "chatgate": run_chatgate,
+    "workers": run_chatgate_workers,
     "litellm": run_litellm,
 }
 PATH_ORDER = ("direct", "floor", "chatgate custom", "chatgate v1", "litellm")
@@ -383,8 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     measured = {r["path"] for r in bench.runs}
     paths = [p for p in PATH_ORDER if p in measured]
+    paths += sorted(p for p in measured if p not in PATH_ORDER)  # chatgate custom wN
     # Only a full run (every path, every scenario, full length) is the one the docs quote.
-    full = opts.reps >= 3 and opts.hold and opts.hold_streams >= 10_000 and paths == list(PATH_ORDER)
+    full = opts.reps >= 3 and opts.hold and opts.hold_streams >= 10_000 and set(PATH_ORDER) <= set(paths)
     name = "latest" if full else "partial"
     md = report.write_all(opts.out, bench.runs, paths, meta, opts.hold_streams, DOC if full else None, name)
     print()

@@ -1,4 +1,5 @@
-"""chatgate under test: a throw-away data directory, the bench models registered, one worker."""
+"""chatgate under test: a throw-away data directory, the bench models registered, one process
+(or `--workers N`)."""
 
 from __future__ import annotations
 
@@ -89,5 +90,6 @@ def chatgate_headers(environ: Mapping[str, str], cwd: Path | None = None) -> dic
     return {"authorization": f"Bearer {token}"}
 
 
-def serve_command() -> list[str]:
-    return [sys.executable, "-m", "chatgate", "serve"]
+def serve_command(workers: int = 1) -> list[str]:
+    """`chatgate serve`, with `--workers N` beyond one (one process, no supervisor, otherwise)."""
+    return [sys.executable, "-m", "chatgate", "serve", *(["--workers", str(workers)] if workers > 1 else [])]

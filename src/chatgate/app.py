@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chatgate.api import chat_custom, chat_openai, openapi
 from chatgate.api.asgi import BodyLimit, ClientGone, Receive, Scope, Send, abort_response, send_json
@@ -22,6 +22,9 @@ from chatgate.store.db import UNAVAILABLE
 from chatgate.telemetry import RequestId, incoming_request_id, log_access
 from chatgate.trace import ChatTrace, new_request_id
 
+if TYPE_CHECKING:
+    from chatgate.workers import Worker
+
 log = logging.getLogger("chatgate")
 
 ChatHandler = Callable[[Scope, Receive, Send, ChatTrace], Awaitable[None]]
@@ -31,10 +34,12 @@ UNEXPECTED = "An unexpected error occurred"
 
 
 class Gateway:
-    """The ASGI app. `runtime` exists between lifespan start-up and shut-down."""
+    """The ASGI app. `runtime` exists between lifespan start-up and shut-down; `worker` is its
+    place among the processes of `serve --workers N` (None: the only process)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: Worker | None = None) -> None:
         self.settings = settings
+        self.worker = worker
         self.runtime: Runtime | None = None
         self.control = build_control_app()
         # The chat routes of startup()'s table, described for /openapi.json.
@@ -123,7 +128,7 @@ class Gateway:
                 return
 
     async def startup(self) -> None:
-        runtime = await Runtime.start(self.settings)
+        runtime = await Runtime.start(self.settings, self.worker)
         self.runtime = runtime
         self.control.state.runtime = runtime
         self._chats = {
@@ -147,5 +152,5 @@ class Gateway:
             self.runtime = None
 
 
-def create_app(settings: Settings) -> Gateway:
-    return Gateway(settings)
+def create_app(settings: Settings, worker: Worker | None = None) -> Gateway:
+    return Gateway(settings, worker)

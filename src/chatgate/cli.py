@@ -118,40 +118,58 @@ def _options(
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (CHATGATE_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind (CHATGATE_PORT).")] = None,
+    workers: Annotated[
+        str | None,
+        typer.Option(help="Processes serving the port: a number, or auto for one per core (CHATGATE_WORKERS)."),
+    ] = None,
 ) -> None:
     """Serve the gateway (uvicorn with uvloop and httptools)."""
-    import uvicorn
     from sqlalchemy.engine import make_url
 
     from chatgate.app import create_app
+    from chatgate.config import usable_cores
     from chatgate.logs import configure
-    from chatgate.server import DrainingServer, protocol_for, uvicorn_problem
+    from chatgate.server import DrainingServer, uvicorn_config, uvicorn_problem
+    from chatgate.workers import Supervisor, WorkersProblem
 
     problem = uvicorn_problem()
     if problem is not None:
         raise _fail(problem)
-    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    overrides: dict[str, object] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    if workers is not None:
+        count = usable_cores() if workers.strip().lower() == "auto" else _int_or_none(workers)
+        if count is None or count < 1:
+            raise _fail(f"--workers {workers}: give a number of processes (1 or more), or auto", 2)
+        overrides["workers"] = count
     settings = _settings().model_copy(update=overrides)
     configure(settings.log_level, settings.log_format)
     shown = make_url(settings.database_url).render_as_string(hide_password=True)
-    err.print(f"chatgate serving on http://{settings.host}:{settings.port} (database: {shown})", highlight=False)
-    gateway = create_app(settings)
-    config = uvicorn.Config(
-        gateway,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http=protocol_for(settings),  # httptools, with limits on request heads
-        access_log=False,
-        log_config=None,
-        log_level=settings.log_level,
-        server_header=False,
-        # chatgate does not use the client's address; behind a proxy there is nothing to rewrite.
-        proxy_headers=False,
-        # After the drain (chats ended) only control-plane requests can be left to wait for.
-        timeout_graceful_shutdown=5,
+    if settings.workers == 1:  # one process, no supervisor: nothing in between
+        err.print(f"chatgate serving on http://{settings.host}:{settings.port} (database: {shown})", highlight=False)
+        gateway = create_app(settings)
+        DrainingServer(uvicorn_config(gateway, settings), gateway.drain).run()
+        return
+    err.print(
+        f"chatgate serving on http://{settings.host}:{settings.port} with {settings.workers} workers "
+        f"(database: {shown})",
+        highlight=False,
     )
-    DrainingServer(config, gateway.drain).run()
+    try:
+        code = Supervisor(settings).run()
+    except WorkersProblem as exc:
+        raise _fail(str(exc), 2) from None
+    except ChatgateError as exc:  # the preparation: the database cannot be reached
+        raise _fail(exc.message) from None
+    except OSError as exc:
+        raise _fail(f"cannot serve on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    raise typer.Exit(code)
+
+
+def _int_or_none(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 @db_app.command("upgrade")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # `json`: one JSON object per line (for log pipelines); `text`: lines for a person.
     log_format: Literal["text", "json"] = "text"
+    # Server processes on the one port (`serve --workers`); `auto` is one per usable core.
+    workers: int = Field(1, ge=1, le=512)
     # Where the generated secrets (key file, first admin token) live in the embedded setup.
     data_dir: Path = Path(".")
 
@@ -99,6 +102,18 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return usable_cores()
+        return value
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or `taskset` narrows)."""
+    return len(os.sched_getaffinity(0))
 
 
 def load_settings(**overrides: object) -> Settings:

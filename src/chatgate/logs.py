@@ -17,7 +17,12 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message, then the record's `fields`."""
+    """One JSON object per record: time, level, logger, message, then the record's `fields`
+    (and `worker`, the worker's number, under `serve --workers`)."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -26,6 +31,8 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             entry.update(fields)
@@ -34,9 +41,14 @@ class JSONFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure(level: str, fmt: Literal["text", "json"] = "text") -> None:
+def configure(level: str, fmt: Literal["text", "json"] = "text", *, worker: int | None = None) -> None:
+    """Log to stderr at `level`; a worker of `serve --workers` names itself on every line."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(FORMAT))
+    if fmt == "json":
+        handler.setFormatter(JSONFormatter(worker))
+    else:
+        tag = "" if worker is None else f" [worker {worker}]"
+        handler.setFormatter(logging.Formatter(FORMAT.replace(" %(name)s", " %(name)s" + tag)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

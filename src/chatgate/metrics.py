@@ -15,10 +15,9 @@ for the first `max_models` names a process sees, and `other` for every later one
 models give at most `max_models + 2` series per label set; `none` is a chat that never reached
 a model (unauthenticated, unknown model, bad request).
 
-Several worker processes (not built yet): the chat figures are plain data (label values to a
-count, or to bucket counts and a sum), so the worker answering a scrape can sum every worker's
-(shared memory or a file each, as prometheus_client's multiprocess mode does) without a `pid`
-label; the gauges add up the same way.
+Several worker processes (`serve --workers N`): every figure is plain data (label values to a
+count, or to bucket counts and a sum; three gauges), so `worker_metrics.SharedMetrics` writes
+each worker's to a file and the worker answering a scrape sums them all, without a `pid` label.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Info, generate_latest
+from prometheus_client import CollectorRegistry, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -80,18 +79,23 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status < 600 else "5xx"
 
 
-class _StateCollector(Collector):
-    """Gauges read at scrape time from the process's live objects."""
+Gauges = tuple[int, int, int]  # streams in flight, upstream connections open, idle
 
-    def __init__(self, in_flight: Callable[[], int], pool: Callable[[], tuple[int, int]]) -> None:
-        self._in_flight = in_flight
-        self._pool = pool
+
+class _StateCollector(Collector):
+    """Gauges of the live process(es), read at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
 
     def collect(self) -> Iterable[Metric]:
+        gauges = self._metrics.gauges()
+        if gauges is None:
+            return
+        in_flight, open_, idle = gauges
         yield GaugeMetricFamily(
-            "chatgate_streams_in_flight", "Chats with an upstream request open now.", value=self._in_flight()
+            "chatgate_streams_in_flight", "Chats with an upstream request open now.", value=in_flight
         )
-        open_, idle = self._pool()
         pool = GaugeMetricFamily(
             "chatgate_upstream_connections", "Upstream connections of the pool, by state.", labels=["state"]
         )
@@ -164,25 +168,42 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "chatgate_client_disconnects": ("Chats whose client left before the answer ended.", ("route",)),
     "chatgate_database_errors": ("Chats answered 503 because the database did not answer.", ()),
+    "chatgate_redis_errors": (
+        "Redis calls that failed or timed out, by operation; chatgate carried on without Redis.",
+        ("operation",),
+    ),
+    "chatgate_limits_fail_open": (
+        "Requests admitted without a rate or stream-cap check because Redis was unavailable.",
+        (),
+    ),
+    "chatgate_model_cache_invalidations": (
+        "Model-cache invalidations received from other instances (Redis pub/sub).",
+        (),
+    ),
 }
-_REQUESTS, _FAILURES, _GONE, _DATABASE = _COUNTERS
+_REQUESTS, _FAILURES, _GONE, _DATABASE, _REDIS_ERRORS, _FAIL_OPEN, _INVALIDATIONS = _COUNTERS
+
+Counts = dict[tuple[str, tuple[str, ...]], int]
+Histograms = dict[tuple[str, tuple[str, ...]], _Histogram]
 
 
 class _ChatCollector(Collector):
-    """The chat metrics, rendered from the plain counts `Metrics.observe` keeps."""
+    """The counters and histograms, rendered from the plain counts `Metrics.figures` gives."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
     def collect(self) -> Iterable[Metric]:
-        counts = self._metrics.counts
+        counts, histograms = self._metrics.figures()
         for name, (doc, labels) in _COUNTERS.items():
             family = CounterMetricFamily(name, doc, labels=labels)
-            for (counter, values), count in counts.items():
-                if counter == name:
-                    family.add_metric(values, count)
+            if not labels:  # one series: shown from the start, at 0
+                family.add_metric((), counts.get((name, ()), 0))
+            else:
+                for (counter, values), count in counts.items():
+                    if counter == name:
+                        family.add_metric(values, count)
             yield family
-        histograms = self._metrics.histograms
         for name, (doc, labels, bounds) in _HISTOGRAMS.items():
             histogram_family = HistogramMetricFamily(name, doc, labels=labels)
             for (histogram, values), kept in histograms.items():
@@ -197,6 +218,23 @@ class _ChatCollector(Collector):
         return []
 
 
+class _Count:
+    """A counter kept as a plain count, with the part of prometheus_client's `Counter` API that
+    chatgate uses (`labels(...).inc()`, `inc()`), so that it sums across workers like the rest."""
+
+    __slots__ = ("_counts", "_key")
+
+    def __init__(self, counts: Counts, name: str, labels: tuple[str, ...] = ()) -> None:
+        self._counts = counts
+        self._key = (name, labels)
+
+    def labels(self, *values: str) -> _Count:
+        return _Count(self._counts, self._key[0], values)
+
+    def inc(self) -> None:
+        self._counts[self._key] = self._counts.get(self._key, 0) + 1
+
+
 class Metrics:
     """The metrics chatgate keeps."""
 
@@ -205,31 +243,32 @@ class Metrics:
         self.max_models = max_models
         self._models: set[str] = set()
         # Plain counts keyed by (metric, label values), rendered by _ChatCollector at a scrape.
-        self.counts: dict[tuple[str, tuple[str, ...]], int] = {}
-        self.histograms: dict[tuple[str, tuple[str, ...]], _Histogram] = {}
+        self.counts: Counts = {}
+        self.histograms: Histograms = {}
+        self._in_flight: Callable[[], int] | None = None
+        self._pool: Callable[[], tuple[int, int]] | None = None
         registry = self.registry
         Info("chatgate_build", "The running chatgate.", registry=registry).info({"version": __version__})
         registry.register(_ChatCollector(self))
-        self.redis_errors = Counter(
-            "chatgate_redis_errors",
-            "Redis calls that failed or timed out, by operation; chatgate carried on without Redis.",
-            ["operation"],
-            registry=registry,
-        )
-        self.limits_fail_open = Counter(
-            "chatgate_limits_fail_open",
-            "Requests admitted without a rate or stream-cap check because Redis was unavailable.",
-            registry=registry,
-        )
-        self.cache_invalidations = Counter(
-            "chatgate_model_cache_invalidations",
-            "Model-cache invalidations received from other instances (Redis pub/sub).",
-            registry=registry,
-        )
+        registry.register(_StateCollector(self))
+        self.redis_errors = _Count(self.counts, _REDIS_ERRORS)
+        self.limits_fail_open = _Count(self.counts, _FAIL_OPEN)
+        self.cache_invalidations = _Count(self.counts, _INVALIDATIONS)
 
     def watch(self, in_flight: Callable[[], int], pool: Callable[[], tuple[int, int]]) -> None:
         """Report streams in flight and the upstream pool's connections, read at each scrape."""
-        self.registry.register(_StateCollector(in_flight, pool))
+        self._in_flight = in_flight
+        self._pool = pool
+
+    def figures(self) -> tuple[Counts, Histograms]:
+        """The counts and histograms to render (this process's)."""
+        return self.counts, self.histograms
+
+    def gauges(self) -> Gauges | None:
+        """Streams in flight and pool connections (open, idle) now; None until watched."""
+        if self._in_flight is None or self._pool is None:
+            return None
+        return (self._in_flight(), *self._pool())
 
     def model_label(self, name: str) -> str:
         """`name` while fewer than `max_models` names were seen (or it is one of them), else `other`."""

@@ -9,6 +9,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -41,6 +42,10 @@ from chatgate.store import db
 from chatgate.tracing import Tracing
 from chatgate.upstream.client import UpstreamClient
 from chatgate.usage import UsageRecorder
+from chatgate.worker_metrics import SharedMetrics
+
+if TYPE_CHECKING:
+    from chatgate.workers import Worker
 
 log = logging.getLogger("chatgate")
 
@@ -133,17 +138,24 @@ class Runtime:
     tracing: Tracing | None = None  # OpenTelemetry, when an OTLP endpoint is configured
 
     @classmethod
-    async def start(cls, settings: Settings) -> Runtime:
+    async def start(cls, settings: Settings, worker: Worker | None = None) -> Runtime:
+        """Build a process's resources; a `worker` of several finds the database migrated and
+        the first admin made (by its supervisor) and shares its metrics with its siblings."""
         engine = db.create_engine(
             settings.database_url, timeout=settings.database_timeout, pool_size=settings.database_pool_size
         )
-        if settings.migrate_on_start:
+        if settings.migrate_on_start and worker is None:
             await db.upgrade(engine)
         accounts = Accounts.for_engine(engine)
-        await bootstrap_admin(settings, accounts)
+        if worker is None:
+            await bootstrap_admin(settings, accounts)
         supabase = supabase_verifier(settings)
         sessions = Sessions(engine)
-        metrics = Metrics(max_models=settings.metrics_max_models)
+        metrics = (
+            Metrics(max_models=settings.metrics_max_models)
+            if worker is None
+            else SharedMetrics(worker.run_dir, worker.slot, max_models=settings.metrics_max_models)
+        )
         keys = Keys.from_settings(settings)
         redis: Redis | None = None
         bus: CacheBus | None = None
@@ -189,6 +201,8 @@ class Runtime:
             tracing=Tracing.from_environment(),
         )
         metrics.watch(lambda: len(runtime.chats), upstream.pool_counts)
+        if isinstance(metrics, SharedMetrics):
+            metrics.start()
         return runtime
 
     async def close(self) -> None:
@@ -206,6 +220,8 @@ class Runtime:
             await self.redis.aclose()
         self.accounts.close()
         await self.engine.dispose()
+        if isinstance(self.metrics, SharedMetrics):
+            self.metrics.close()  # after the last chat was counted
 
     async def admit(self, scope: Scope) -> Principal:
         """Authenticate the request and count it against the caller's rate limit."""

@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import signal
+import socket
 from collections.abc import Callable, Coroutine
 from functools import partial
 from types import FrameType
@@ -243,25 +245,57 @@ def protocol_for(settings: Settings) -> type[GuardedHttpToolsProtocol]:
     return type("ChatgateHttpProtocol", (GuardedHttpToolsProtocol,), {"head_timeout": settings.client_timeout})
 
 
+def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    """How chatgate runs uvicorn, in the one process or in each worker of several."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http=protocol_for(settings),  # httptools, with limits on request heads
+        access_log=False,
+        log_config=None,
+        log_level=settings.log_level,
+        server_header=False,
+        # chatgate does not use the client's address; behind a proxy there is nothing to rewrite.
+        proxy_headers=False,
+        # After the drain (chats ended) only control-plane requests can be left to wait for.
+        timeout_graceful_shutdown=5,
+    )
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server with a drain: the first SIGTERM or SIGINT runs `drain` (the app lets its
     running chats finish, then ends the rest) while the server still serves, and only then does
-    uvicorn's own shutdown begin. A second signal ends the process at once."""
+    uvicorn's own shutdown begin. A second signal ends the process at once.
 
-    def __init__(self, config: uvicorn.Config, drain: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    A `worker` of `serve --workers N` (its number) heeds SIGTERM only: a Ctrl-C in a terminal
+    sends SIGINT to the whole process group, and its supervisor passes it on as one SIGTERM."""
+
+    def __init__(
+        self, config: uvicorn.Config, drain: Callable[[], Coroutine[Any, Any, None]], *, worker: int | None = None
+    ) -> None:
         super().__init__(config)
         self._drain = drain
         self._drain_asked = False
         self._draining: asyncio.Task[None] | None = None
+        self._worker = worker
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not uvicorn's: it re-raises the signal after shutting down, so a clean drain would
         # still end the process by SIGTERM rather than with exit status 0.
+        if self._worker is not None and sig == signal.SIGINT:
+            return
         if self._drain_asked:
             log.warning("%s again: stopping now, without waiting for running chats", signal.Signals(sig).name)
             self.should_exit = self.force_exit = True
         else:
             self._drain_asked = True  # a signal handler only sets flags; on_tick starts the drain
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self._worker is not None:
+            log.info("worker %d (pid %d) is serving", self._worker, os.getpid())
 
     async def on_tick(self, counter: int) -> bool:
         if self._drain_asked and self._draining is None:

@@ -14,6 +14,16 @@ _PROCESS = os.urandom(8).hex()
 _SEQUENCE = itertools.count(1)
 
 
+def _new_process() -> None:
+    # A forked worker (`serve --workers`) must not repeat its parent's, or a sibling's, ids.
+    global _PROCESS, _SEQUENCE
+    _PROCESS = os.urandom(8).hex()
+    _SEQUENCE = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_process)
+
+
 def new_request_id() -> str:
     """Unique across processes and restarts (a random per-process prefix and a counter), without
     a system call per request; a request id names a request, it guards nothing."""
