@@ -1,0 +1,158 @@
+"""The paced bench scenario's own logic: its figures, the capacity search and the upstream's pacer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from bench import paced, payload
+from bench.upstream import Pacer, UpstreamConfig
+
+
+def _raw(**over: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "concurrency": 4,
+        "completed": 3,
+        "ttfb_ms": [1.0, 2.0, 3.0],
+        "total_ms": [100.0, 100.0, 100.0],
+        "errors": {},
+        "elapsed_s": 2.0,
+        "server_cpu_s": 0.5,
+        "upstream_cpu_s": 0.2,
+        "loadgen_cpu_s": 0.1,
+        "other_cpu_s": {"0": 0.0, "1": 0.0},
+        "max_gap_ms": [21.0, 20.5, 30.0, 20.0],
+        "window_bytes": 5_000,
+        "stream_bytes": [1_000, 1_000, 1_000],
+        "rss_kb": 1_000,
+    }
+    raw.update(over)
+    return raw
+
+
+def test_events_are_counted_from_the_bytes_read_in_the_window() -> None:
+    # 5,000 bytes in the window of 1,000-byte streams of 10 tokens: 50 events, in 2 s.
+    s = paced.summarize(_raw(), tokens=10)
+    assert s["events_per_s"] == 25.0
+    assert s["cpu_us_per_event"] == pytest.approx(0.5e6 / 50)
+    assert s["gap_p99_ms"] == 30.0
+    assert s["gap_p50_ms"] == 20.5
+    assert s["client_core_busy"] == pytest.approx(0.15)
+
+
+def test_no_whole_stream_means_no_event_count_rather_than_a_guess() -> None:
+    s = paced.summarize(_raw(stream_bytes=[]), tokens=10)
+    assert s["cpu_us_per_event"] is None
+    assert s["events_per_s"] is None
+
+
+def _run(path: str, c: int, gap: float, errors: int = 0, cpu: float = 10.0) -> dict[str, Any]:
+    summary = paced.summarize(_raw(concurrency=c, max_gap_ms=[gap], server_cpu_s=cpu * 50 / 1e6), tokens=10)
+    summary["errors"] = errors
+    summary["error_kinds"] = {"timeout": errors} if errors else {}
+    return {"path": path, "rep": 0, "summary": summary}
+
+
+def test_medians_over_repetitions_and_errors_summed() -> None:
+    figs = paced.medians(
+        [_run("floor", 64, 20.0, cpu=10), _run("floor", 64, 22.0, errors=1, cpu=30), _run("floor", 64, 40.0, cpu=20)]
+    )
+    f = figs[("floor", 64)]
+    assert f["reps"] == 3
+    assert f["gap_p99_ms"] == 22.0
+    assert f["cpu_us_per_event"] == pytest.approx(20.0)
+    assert f["errors"] == 1
+    assert f["error_kinds"] == {"timeout": 1}
+
+
+def test_a_step_passes_on_the_gap_it_adds_to_direct_and_no_errors() -> None:
+    direct = {"gap_p99_ms": 25.0, "errors": 0}
+    assert paced.passes({"gap_p99_ms": 35.0, "errors": 0}, direct) is True
+    assert paced.passes({"gap_p99_ms": 35.1, "errors": 0}, direct) is False
+    assert paced.passes({"gap_p99_ms": 21.0, "errors": 2}, direct) is False
+    assert paced.passes({"gap_p99_ms": 21.0, "errors": 0}, None) is None
+
+
+def test_capacity_is_the_last_pass_below_the_first_failure() -> None:
+    assert paced.capacity({64: True, 128: True, 256: False, 512: True}) == (128, 256)
+    assert paced.capacity({64: True, 128: None, 256: True}) == (256, None)
+    assert paced.capacity({64: False, 128: True}) == (None, 64)
+
+
+def test_midpoint_bisects_on_a_grain() -> None:
+    assert paced.midpoint(128, 256) == 192
+    assert paced.midpoint(16, 32, 2) == 24
+    assert paced.midpoint(16, 24, 16) is None  # 16 and 32 are both outside (16, 24)
+    assert paced.midpoint(None, 64) is None
+
+
+def test_targets_compare_with_the_floor_and_litellm() -> None:
+    runs = [
+        _run("direct", 64, 20.0),
+        _run("floor", 64, 21.0, cpu=30),
+        _run("chatgate custom", 64, 25.0, cpu=36),
+        _run("litellm", 64, 500.0),
+        _run("direct", 2, 20.0),
+        _run("litellm", 2, 21.0),
+    ]
+    lines = paced.targets(paced.medians(runs), [64])
+    custom = [line for line in lines if "chatgate custom" in line]
+    assert custom[0].startswith("- PASS") and "1.20x the paced floor's at 64" in custom[0]
+    assert custom[1].startswith("- PASS") and "capacity 64 streams, 1.00x the floor's 64" in custom[1]
+    assert custom[2].startswith("- PASS") and "32.0x LiteLLM's 2" in custom[2]
+    assert any(line.startswith("- n/a  chatgate v1") for line in lines)
+
+
+def test_a_saturated_client_core_is_named_beside_the_capacity() -> None:
+    runs = [_run("direct", 64, 20.0), _run("floor", 64, 21.0)]
+    runs[1]["summary"]["client_core_busy"] = 0.95
+    lines = paced.capacity_lines(paced.capacities(paced.medians(runs)))
+    assert lines == [
+        "- floor: 64 streams (no step failed: at least this); the client core was saturated at 64: "
+        "the capacity may be the client's"
+    ]
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.writes: list[tuple[float, bytes]] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append((asyncio.get_running_loop().time(), data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_pacer_writes_one_event_per_interval_and_ends_the_stream() -> None:
+    pacer = Pacer(UpstreamConfig(paced_tokens=4, paced_interval=0.01))
+    t, cut = _Transport(), _Transport()
+
+    async def main() -> None:
+        pacer.start(t, close_after=True)  # type: ignore[arg-type]
+        pacer.start(cut, close_after=False)  # type: ignore[arg-type]
+        cut.closed = True  # the client left: nothing more is written to it
+        for _ in range(200):  # until the stream ends (50 ms on an idle machine), at most 2 s
+            await asyncio.sleep(0.01)
+            if t.closed:
+                break
+
+    asyncio.run(main())
+    frames = payload.sse_frames(4)
+    assert [d for _, d in t.writes] == [
+        payload.CHUNK_HEAD + b"\r\n" + frames[0],
+        frames[1],
+        frames[2],
+        frames[3],
+        frames[4] + frames[5] + payload.LAST_CHUNK,
+    ]
+    gaps = [b[0] - a[0] for a, b in zip(t.writes, t.writes[1:], strict=False)]
+    assert all(g >= 0.009 for g in gaps), gaps  # one tick of the pacer's timer is 1 ms
+    assert t.closed
+    assert len(cut.writes) == 1
+    assert pacer.timer is None  # no streams left: the timer stops
