@@ -151,8 +151,9 @@ def test_the_pacer_writes_one_event_per_interval_and_ends_the_stream() -> None:
         frames[3],
         frames[4] + frames[5] + payload.LAST_CHUNK,
     ]
-    gaps = [b[0] - a[0] for a, b in zip(t.writes, t.writes[1:], strict=False)]
-    assert all(g >= 0.009 for g in gaps), gaps  # one tick of the pacer's timer is 1 ms
+    # Never early on the stream's schedule (to the pacer's 1 ms tick); late only if the loop was.
+    start = t.writes[0][0]
+    assert all(at >= start + i * 0.01 - 0.0011 for i, (at, _) in enumerate(t.writes)), t.writes
     assert t.closed
     assert len(cut.writes) == 1
     assert pacer.timer is None  # no streams left: the timer stops
