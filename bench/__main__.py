@@ -87,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
     ap.add_argument("--paced-ladder", help="capacity steps, run once each (default 64,128,256,512,1024)")
     ap.add_argument("--paced-window", type=float, help="measured seconds per step, after a ramp of one stream")
     ap.add_argument("--paced-bisect", type=int, help="bisection steps after the ladder (default 1, quick 0)")
+    ap.add_argument(
+        "--paced-baseline",
+        metavar="DIR",
+        help="also measure chatgate from DIR/src (e.g. `git worktree add DIR main`), interleaved: before/after",
+    )
     a = ap.parse_args(argv)
     scenarios = ("paced",) if a.paced else tuple(x.strip() for x in a.scenarios.split(",") if x.strip())
     if unknown_s := set(scenarios) - set(SCENARIOS):
@@ -134,6 +139,7 @@ def _paced_options(a: argparse.Namespace) -> paced.PacedOptions:
         window=a.paced_window or base.window,
         reps=a.reps or base.reps,
         bisect=base.bisect if a.paced_bisect is None else a.paced_bisect,
+        baseline=a.paced_baseline,
     )
 
 

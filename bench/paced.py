@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 DIRECT, FLOOR, CUSTOM, V1, LITELLM = "direct", "floor", "chatgate custom", "chatgate v1", "litellm"
-PATHS = (DIRECT, FLOOR, CUSTOM, V1, LITELLM)
+BASE = " (base)"  # chatgate from another source tree (`--paced-baseline`): before/after in one run
+PATHS = (DIRECT, FLOOR, CUSTOM + BASE, CUSTOM, V1 + BASE, V1, LITELLM)
 GAP_LIMIT_MS = 10.0  # the capacity criterion: added gap P99 at most this
 CLIENT_BUSY = 0.9  # the client core above this: the step may be bounded by the client side
 CHAT = [{"role": "user", "content": "hi"}]
@@ -63,6 +64,7 @@ class PacedOptions:
     window: float = 3.0
     reps: int = 3
     bisect: int = 1
+    baseline: str | None = None  # a source tree of chatgate to measure beside this one
 
     @property
     def interval(self) -> float:
@@ -433,6 +435,8 @@ def run(b: Bench, opts: PacedOptions) -> None:
             stack.enter_context(_server(server, "/healthz", 30))
             targets.append(PacedTarget(FLOOR, port, "/paced", {}, last, server.pids))
         if "chatgate" in b.opts.groups:
+            if opts.baseline:
+                targets.extend(_chatgate(b, stack, opts.tokens, Path(opts.baseline)))
             targets.extend(_chatgate(b, stack, opts.tokens))
         for t in targets:
             runner.baseline(t)
@@ -443,10 +447,13 @@ def run(b: Bench, opts: PacedOptions) -> None:
     b.paced_idle_rss_kb = runner.idle_rss_kb
 
 
-def _chatgate(b: Bench, stack: contextlib.ExitStack, tokens: int) -> list[PacedTarget]:
+def _chatgate(b: Bench, stack: contextlib.ExitStack, tokens: int, source: Path | None = None) -> list[PacedTarget]:
+    """chatgate serving both routes; from `source`/src instead of this tree when given."""
     data_dir = Path(tempfile.mkdtemp(prefix="chatgate-bench-paced-"))
     port = procs.free_port()
     env = {**os.environ, **chatgate_env.env(data_dir, port)}
+    if source is not None:
+        env["PYTHONPATH"] = str(source.resolve() / "src")  # ahead of the editable install's path
     try:
         chatgate_env.register(env, ROOT, b.upstream.port)
         model = chatgate_env.add_model(env, ROOT, "bench-paced", f"http://127.0.0.1:{b.upstream.port}/paced/v1")
@@ -454,16 +461,17 @@ def _chatgate(b: Bench, stack: contextlib.ExitStack, tokens: int) -> list[PacedT
     except chatgate_env.ChatgateUnavailable as exc:
         b.notes.append(f"paced: chatgate not available: {str(exc).splitlines()[0]}")
         return []
+    name = "chatgate-paced" + ("-base" if source else "")
     server = procs.start(
-        "chatgate-paced", chatgate_env.serve_command(), port=port, core=procs.SERVER_CORE, log_dir=b.log_dir,
-        env=env, cwd=data_dir,
-    )  # fmt: skip
+        name, chatgate_env.serve_command(), port=port, core=procs.SERVER_CORE, log_dir=b.log_dir, env=env, cwd=data_dir
+    )
     stack.enter_context(_server(server, "/healthz", 60))
     custom = {"chatSettings": {"model": "bench-model", "temperature": 0.5}, "messages": CHAT, "customModelId": model}
     last = f"tok{tokens - 1}"
+    suffix = BASE if source else ""
     return [
-        PacedTarget(CUSTOM, port, "/api/chat/custom", custom, last, server.pids, headers),
-        PacedTarget(V1, port, "/v1/chat/completions", _openai(model), "data: [DONE]", server.pids, headers),
+        PacedTarget(CUSTOM + suffix, port, "/api/chat/custom", custom, last, server.pids, headers),
+        PacedTarget(V1 + suffix, port, "/v1/chat/completions", _openai(model), "data: [DONE]", server.pids, headers),
     ]
 
 
