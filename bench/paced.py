@@ -98,7 +98,7 @@ def summarize(raw: dict[str, Any], tokens: int) -> dict[str, Any]:
         "concurrency": c,
         "errors": sum(raw["errors"].values()),
         "error_kinds": raw["errors"],
-        "streams_started": raw["completed"],
+        "streams_started": raw["streams_started"],
         "events_per_s": events / elapsed if events else None,
         "cpu_us_per_event": raw["server_cpu_s"] * 1e6 / events if events else None,
         "server_core_busy": raw["server_cpu_s"] / elapsed,

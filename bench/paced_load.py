@@ -89,7 +89,8 @@ async def run(spec: PacedSpec) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
     clock = Clock(t0 + spec.ramp, t0 + spec.ramp + spec.window)
-    rec = Recorder()  # streams that started in the window: TTFB; and every error in it
+    rec = Recorder()  # the errors in the window
+    ttfbs: list[float] = []  # of the streams that started in the window (taken at their first byte)
     gaps: list[float] = []  # per stream: its largest gap between reads in the window
     stream_bytes: list[int] = []  # body bytes of the streams that ended well
     conns: list[PacedConn] = []
@@ -111,8 +112,14 @@ async def run(spec: PacedSpec) -> dict[str, Any]:
                 assert conn is not None
                 conns.append(conn)
             started = time.perf_counter()
+            on_first = None
+            if clock.inside(started):
+
+                def on_first(c: PacedConn = conn) -> None:
+                    ttfbs.append(c.ttfb)
+
             try:
-                out = await asyncio.wait_for(conn.request(req), spec.timeout)
+                out = await asyncio.wait_for(conn.request(req, on_first), spec.timeout)
             except TimeoutError:
                 rec.errors["timeout"] += 1
                 conn.close()
@@ -122,9 +129,7 @@ async def run(spec: PacedSpec) -> dict[str, Any]:
                 gaps.append(conn.max_gap)
             if out.ok:
                 stream_bytes.append(conn.stream_bytes)
-            if clock.start <= started:
-                rec.add(out)
-            elif not out.ok and time.perf_counter() >= clock.start:
+            if not out.ok and time.perf_counter() >= clock.start:
                 rec.errors[out.error] += 1
             if not out.keep_alive:
                 conn.close()
@@ -143,7 +148,9 @@ async def run(spec: PacedSpec) -> dict[str, Any]:
         conn.close()
     await asyncio.gather(*tasks, return_exceptions=True)
     return {
-        **rec.as_dict(),
+        "errors": dict(rec.errors),
+        "streams_started": len(ttfbs),
+        "ttfb_ms": [round(t * 1000, 4) for t in ttfbs],
         **win.as_dict(),
         "concurrency": spec.concurrency,
         "max_gap_ms": [round(g * 1000, 4) for g in gaps],

@@ -13,9 +13,8 @@ from bench.upstream import Pacer, UpstreamConfig
 def _raw(**over: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "concurrency": 4,
-        "completed": 3,
+        "streams_started": 3,
         "ttfb_ms": [1.0, 2.0, 3.0],
-        "total_ms": [100.0, 100.0, 100.0],
         "errors": {},
         "elapsed_s": 2.0,
         "server_cpu_s": 0.5,
