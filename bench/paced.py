@@ -82,16 +82,18 @@ QUICK = PacedOptions(tokens=64, concurrency=(64, 256), ladder=(64, 256), litellm
 # Figures (pure) -----------------------------------------------------------------------------------
 
 
-def summarize(raw: dict[str, Any], tokens: int) -> dict[str, Any]:
+def summarize(raw: dict[str, Any], tokens: int, whole_stream: float | None = None) -> dict[str, Any]:
     """One step's figures from `bench.paced_load`'s result.
 
     Relayed events are counted from the body bytes read in the window over the bytes of a whole
     stream, times the stream's `tokens`: exact for every path whatever its framing (SSE events
     or delta texts), and counting the streams cut at the window's edges for what they moved in it.
+    A path too slow to finish a stream in the window is counted with `whole_stream`, the bytes of
+    its whole stream seen at an earlier step.
     """
     elapsed = raw["elapsed_s"]
-    whole = sorted(raw["stream_bytes"])
-    events = raw["window_bytes"] * tokens / statistics.median(whole) if whole else None
+    whole = statistics.median(raw["stream_bytes"]) if raw["stream_bytes"] else whole_stream
+    events = raw["window_bytes"] * tokens / whole if whole else None
     gaps, ttfb = sorted(raw["max_gap_ms"]), sorted(raw["ttfb_ms"])
     c = raw["concurrency"]
     return {
@@ -111,6 +113,7 @@ def summarize(raw: dict[str, Any], tokens: int) -> dict[str, Any]:
         "gap_p99_ms": percentile(gaps, 99),
         "gap_streams": len(gaps),
         "rss_kb": raw["rss_kb"],
+        "stream_bytes": whole,
     }
 
 
@@ -328,6 +331,7 @@ class Runner:
     def __init__(self, bench: Bench, opts: PacedOptions) -> None:
         self.b, self.opts = bench, opts
         self.idle_rss_kb: dict[str, int] = {}
+        self.whole_stream: dict[str, float] = {}  # per path: the bytes of one whole stream
 
     def step(self, t: PacedTarget, c: int, rep: int) -> dict[str, Any]:
         upstream = self.b.upstream.pids
@@ -343,7 +347,9 @@ class Runner:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"paced load generator failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-        summary = summarize(json.loads(proc.stdout), self.opts.tokens)
+        summary = summarize(json.loads(proc.stdout), self.opts.tokens, self.whole_stream.get(t.name))
+        if summary["stream_bytes"]:
+            self.whole_stream[t.name] = summary["stream_bytes"]
         self.b.paced_runs.append({"path": t.name, "rep": rep, "summary": summary})
         print(
             f"  {t.name:<16} paced c{c:<5} rep {rep + 1}: {summary['events_per_s'] or 0:>8,.0f} events/s  "

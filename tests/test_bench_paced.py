@@ -46,6 +46,12 @@ def test_no_whole_stream_means_no_event_count_rather_than_a_guess() -> None:
     assert s["events_per_s"] is None
 
 
+def test_a_path_too_slow_to_end_a_stream_is_counted_with_an_earlier_steps_stream() -> None:
+    s = paced.summarize(_raw(stream_bytes=[]), tokens=10, whole_stream=500.0)
+    assert s["events_per_s"] == 50.0  # 5,000 bytes of 500-byte streams of 10 tokens, in 2 s
+    assert paced.summarize(_raw(), tokens=10, whole_stream=500.0)["events_per_s"] == 25.0  # its own first
+
+
 def _run(path: str, c: int, gap: float, errors: int = 0, cpu: float = 10.0) -> dict[str, Any]:
     summary = paced.summarize(_raw(concurrency=c, max_gap_ms=[gap], server_cpu_s=cpu * 50 / 1e6), tokens=10)
     summary["errors"] = errors
