@@ -177,6 +177,14 @@ def midpoint(low: int | None, high: int | None, step: int = 16) -> int | None:
     return mid if low < mid < high else None
 
 
+def next_step(best: int | None, fail: int | None, grain: int) -> int | None:
+    """The next concurrency to try after the ladder: half the first step if even that failed,
+    else halfway between the capacity and the first failure."""
+    if best is None and fail is not None:
+        return fail // 2 if fail >= 2 else None
+    return midpoint(best, fail, grain)
+
+
 # Tables (pure) ------------------------------------------------------------------------------------
 
 
@@ -328,6 +336,8 @@ class PacedTarget:
 
 
 class Runner:
+    DOWN = 3  # halvings below the ladder for a path that fails its first step (besides `bisect`)
+
     def __init__(self, bench: Bench, opts: PacedOptions) -> None:
         self.b, self.opts = bench, opts
         self.idle_rss_kb: dict[str, int] = {}
@@ -380,16 +390,21 @@ class Runner:
                 f = figs.get((t.name, c))
                 if f is not None and passes(f, figs.get((DIRECT, c))) is False:
                     failed.add(t.name)
-        for _ in range(self.opts.bisect):
+        tries: dict[tuple[str, bool], int] = {}  # (path, below the ladder): steps taken
+        for _ in range(self.opts.bisect + self.DOWN):
             figs = medians(self.b.paced_runs)
             caps = capacities(figs)
-            todo = [
-                (t, mid)
-                for t in targets
-                if t.name in caps
-                and (mid := midpoint(caps[t.name]["capacity"], caps[t.name]["first_fail"], grain))
-                and (t.name, mid) not in figs
-            ]
+            todo = []
+            for t in targets:
+                if t.name not in caps:
+                    continue
+                best, fail = caps[t.name]["capacity"], caps[t.name]["first_fail"]
+                key = (t.name, best is None)
+                if tries.get(key, 0) >= (self.DOWN if best is None else self.opts.bisect):
+                    continue
+                if (mid := next_step(best, fail, grain)) and (t.name, mid) not in figs:
+                    todo.append((t, mid))
+                    tries[key] = tries.get(key, 0) + 1
             for c in sorted({mid for _, mid in todo}):
                 if (DIRECT, c) not in figs:
                     self.step(direct, c, 0)

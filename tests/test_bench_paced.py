@@ -92,6 +92,13 @@ def test_midpoint_bisects_on_a_grain() -> None:
     assert paced.midpoint(None, 64) is None
 
 
+def test_after_the_ladder_a_failing_first_step_is_halved_else_bisected() -> None:
+    assert paced.next_step(None, 64, 16) == 32
+    assert paced.next_step(None, 1, 16) is None
+    assert paced.next_step(128, 256, 16) == 192
+    assert paced.next_step(1024, None, 16) is None  # nothing failed: nothing to refine
+
+
 def test_targets_compare_with_the_floor_and_litellm() -> None:
     runs = [
         _run("direct", 64, 20.0),
@@ -162,3 +169,41 @@ def test_the_pacer_writes_one_event_per_interval_and_ends_the_stream() -> None:
     assert t.closed
     assert len(cut.writes) == 1
     assert pacer.timer is None  # no streams left: the timer stops
+
+
+class _FakeRunner(paced.Runner):
+    """The ladder's choices, with a step that makes up its result: a path sustains up to `caps`."""
+
+    def __init__(self, caps: dict[str, int], opts: paced.PacedOptions) -> None:
+        class _Bench:
+            paced_runs: list[dict[str, Any]] = []
+
+        super().__init__(_Bench(), opts)  # type: ignore[arg-type]
+        self.caps = caps
+        self.steps: list[tuple[str, int]] = []
+
+    def step(self, t: paced.PacedTarget, c: int, rep: int) -> dict[str, Any]:
+        self.steps.append((t.name, c))
+        gap = 20.0 if t.name == "direct" or c <= self.caps[t.name] else 50.0
+        run = _run(t.name, c, gap)
+        self.b.paced_runs.append({**run, "rep": rep})
+        return run["summary"]
+
+
+def _target(name: str) -> paced.PacedTarget:
+    return paced.PacedTarget(name, 1, "/", {}, "", [])
+
+
+def test_the_ladder_stops_a_path_at_its_first_failure_then_refines_its_capacity() -> None:
+    opts = paced.PacedOptions(concurrency=(64, 1024), ladder=(64, 128, 256, 512, 1024), reps=2, bisect=1)
+    runner = _FakeRunner({"floor": 300, "chatgate custom": 20}, opts)
+    runner.ladder([_target("floor"), _target("chatgate custom")], _target("direct"), opts.ladder, opts.concurrency, 16)
+    floor = [c for name, c in runner.steps if name == "floor"]
+    custom = [c for name, c in runner.steps if name == "chatgate custom"]
+    # The floor: every step to its first failure (512), the kept 1,024 twice, then 384 between.
+    assert floor == [64, 64, 128, 256, 512, 1024, 1024, 384]
+    # Failing its first step, the route still runs the kept steps, then halves below the ladder.
+    assert custom == [64, 64, 1024, 1024, 32, 16]
+    caps = paced.capacities(paced.medians(runner.b.paced_runs))
+    assert caps["floor"]["capacity"] == 256 and caps["floor"]["first_fail"] == 384
+    assert caps["chatgate custom"]["capacity"] == 16 and caps["chatgate custom"]["first_fail"] == 32
