@@ -292,7 +292,8 @@ def markdown(
         "",
     ]
     paced_md = [paced.markdown(list(paced_runs), meta), ""] if paced_runs else []
-    paced_targets = paced.targets(paced.medians(paced_runs), meta["options"]["paced"]["concurrency"])
+    paced_opts = meta["options"]["paced"]
+    paced_targets = paced.targets(paced.medians(paced_runs), paced_opts["concurrency"], paced_opts["rate"])
     return "\n".join(
         [
             f"Run {meta['started']} on {meta['machine']} — {meta['reps']} repetition(s), medians shown, "

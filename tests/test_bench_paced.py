@@ -108,12 +108,15 @@ def test_targets_compare_with_the_floor_and_litellm() -> None:
         _run("direct", 2, 20.0),
         _run("litellm", 2, 21.0),
     ]
-    lines = paced.targets(paced.medians(runs), [64])
+    lines = paced.targets(paced.medians(runs), [64], rate=0.1)  # 25 events/s keep 64 streams' pace
     custom = [line for line in lines if "chatgate custom" in line]
     assert custom[0].startswith("- PASS") and "1.20x the paced floor's at 64" in custom[0]
     assert custom[1].startswith("- PASS") and "capacity 64 streams, 1.00x the floor's 64" in custom[1]
     assert custom[2].startswith("- PASS") and "32.0x LiteLLM's 2" in custom[2]
     assert any(line.startswith("- n/a  chatgate v1") for line in lines)
+    behind = paced.targets(paced.medians(runs), [64], rate=50.0)[0]  # 25 of 3,200 events/s due
+    assert behind.startswith("- n/a  chatgate custom: CPU per relayed event 1.20x")
+    assert behind.endswith("not judged: chatgate custom and floor fell behind the pace")
 
 
 def test_a_saturated_client_core_is_named_beside_the_capacity() -> None:
