@@ -24,12 +24,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import chatgate_env, litellm_env, procs, report
+from bench import chatgate_env, litellm_env, paced, procs, report
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"
 GROUPS = ("direct", "floor", "chatgate", "workers", "litellm")
+SCENARIOS = ("streams", "hold", "paced")  # streams: c1 and c64
 CHAT = [{"role": "user", "content": "hi"}]
 
 
@@ -49,6 +50,8 @@ class Options:
     poll_idle: bool
     workers: int
     out: Path
+    scenarios: tuple[str, ...] = SCENARIOS
+    paced: paced.PacedOptions = field(default_factory=paced.PacedOptions)
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -83,7 +86,25 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="the `workers` path: chatgate's custom route under `serve --workers N` on every core (default 2)",
     )
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    ap.add_argument("--paced", action="store_true", help="only the paced scenario (same as --scenarios paced)")
+    ap.add_argument("--paced-tokens", type=int, help="tokens of a paced stream (default 256, quick 64)")
+    ap.add_argument("--paced-rate", type=float, default=50.0, help="tokens per second of a paced stream")
+    ap.add_argument("--paced-concurrency", help="concurrent paced streams, repeated --reps times (default 64,256,1024)")
+    ap.add_argument("--paced-ladder", help="capacity steps, run once each (default 64,128,256,512,1024)")
+    ap.add_argument("--paced-window", type=float, help="measured seconds per step, after a ramp of one stream")
+    ap.add_argument("--paced-bisect", type=int, help="bisection steps after the ladder (default 1, quick 0)")
+    ap.add_argument(
+        "--paced-baseline",
+        metavar="DIR",
+        help="also measure chatgate from DIR/src (e.g. `git worktree add DIR main`), interleaved: before/after",
+    )
     a = ap.parse_args(argv)
+    scenarios = ("paced",) if a.paced else tuple(x.strip() for x in a.scenarios.split(",") if x.strip())
+    if unknown_s := set(scenarios) - set(SCENARIOS):
+        ap.error(f"unknown scenario(s): {', '.join(sorted(unknown_s))}")
+    if a.no_hold:
+        scenarios = tuple(x for x in scenarios if x != "hold")
     groups = tuple(g.strip() for g in a.paths.split(",") if g.strip())
     unknown = set(groups) - set(GROUPS)
     if unknown:
@@ -98,13 +119,35 @@ def parse_args(argv: list[str] | None = None) -> Options:
         c64_seconds=1.5 if a.quick else 3.0,
         warmup=0.5 if a.quick else 1.0,
         hold_streams=a.hold_streams or (2000 if a.quick else 10_000),
-        hold=not a.no_hold,
+        hold="hold" in scenarios,
         hold_route=a.hold_route,
         litellm_hold=a.litellm_hold,
         slow_delay=a.slow_delay,
         poll_idle=not a.let_idle_halt,
         workers=a.workers,
         out=a.out,
+        scenarios=scenarios,
+        paced=_paced_options(a),
+    )
+
+
+def _steps(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    return default if not text else tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+
+
+def _paced_options(a: argparse.Namespace) -> paced.PacedOptions:
+    base = paced.QUICK if a.quick else paced.PacedOptions()
+    concurrency = _steps(a.paced_concurrency, base.concurrency)
+    return paced.PacedOptions(
+        tokens=a.paced_tokens or base.tokens,
+        rate=a.paced_rate,
+        concurrency=concurrency,
+        ladder=tuple(sorted({*_steps(a.paced_ladder, base.ladder), *concurrency})),
+        litellm_ladder=base.litellm_ladder,
+        window=a.paced_window or base.window,
+        reps=a.reps or base.reps,
+        bisect=base.bisect if a.paced_bisect is None else a.paced_bisect,
+        baseline=a.paced_baseline,
     )
 
 
@@ -135,6 +178,8 @@ class Bench:
     upstream: procs.Server
     runs: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    paced_runs: list[dict[str, Any]] = field(default_factory=list)
+    paced_idle_rss_kb: dict[str, int] = field(default_factory=dict)
 
     def loadgen(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         cmd = ["taskset", "-c", procs.CLIENT_CORE, sys.executable, "-m", "bench.loadgen", json.dumps(spec)]
@@ -200,7 +245,7 @@ class Bench:
         )
 
     def measure(self, targets: list[Target], watch: list[int]) -> None:
-        for rep in range(self.opts.reps):
+        for rep in range(self.opts.reps if "streams" in self.opts.scenarios else 0):
             for target in targets:
                 for scenario in ("c1", "c64"):
                     self.scenario(target, scenario, rep, watch)
@@ -418,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     upstream = procs.start(
         "upstream",
         [sys.executable, "-m", "bench.upstream", "--port", str(up_port), "--chunks", str(opts.chunks),
-         "--slow-delay", str(opts.slow_delay)],
+         "--slow-delay", str(opts.slow_delay), *paced.upstream_args(opts.paced)],
         port=up_port, core=procs.CLIENT_CORE, log_dir=log_dir, cwd=ROOT,
     )  # fmt: skip
     no_halt = procs.NoIdleHalt()
@@ -426,13 +471,20 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(opts, log_dir, upstream)
         if no_halt.problem:
             bench.notes.append(no_halt.problem)
-        for group in opts.groups:
+        for group in opts.groups if {"streams", "hold"} & set(opts.scenarios) else ():
             print(f"[{time.monotonic() - t0:5.0f}s] {group}", flush=True)
             try:
                 RUNNERS[group](bench)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 print(f"  {group} failed: {exc}", flush=True)
                 bench.notes.append(f"{group} failed: {str(exc).splitlines()[0]}")
+        if "paced" in opts.scenarios:
+            print(f"[{time.monotonic() - t0:5.0f}s] paced", flush=True)
+            try:
+                paced.run(bench, opts.paced)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                print(f"  paced failed: {exc}", flush=True)
+                bench.notes.append(f"paced failed: {str(exc).splitlines()[0]}")
 
     meta = {
         "started": started,
@@ -443,14 +495,23 @@ def main(argv: list[str] | None = None) -> int:
         "poll_idle": opts.poll_idle and no_halt.problem is None,
         "notes": list(dict.fromkeys(bench.notes)),
         "wall_s": time.monotonic() - t0,
+        "paced_idle_rss_kb": bench.paced_idle_rss_kb,
     }
     measured = {r["path"] for r in bench.runs}
     paths = [p for p in PATH_ORDER if p in measured]
     paths += sorted(p for p in measured if p not in PATH_ORDER)  # chatgate custom wN
     # Only a full run (every path, every scenario, full length) is the one the docs quote.
-    full = opts.reps >= 3 and opts.hold and opts.hold_streams >= 10_000 and set(PATH_ORDER) <= set(paths)
+    full = (
+        opts.reps >= 3
+        and opts.scenarios == SCENARIOS
+        and opts.hold_streams >= 10_000
+        and opts.paced == paced.PacedOptions()
+        and set(PATH_ORDER) <= set(paths)
+    )
     name = "latest" if full else "partial"
-    md = report.write_all(opts.out, bench.runs, paths, meta, opts.hold_streams, DOC if full else None, name)
+    md = report.write_all(
+        opts.out, bench.runs, paths, meta, opts.hold_streams, DOC if full else None, name, bench.paced_runs
+    )
     print()
     print(md)
     print(f"wrote {opts.out / (name + '.md')}, {opts.out / (name + '.png')} and the run's JSON "

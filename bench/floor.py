@@ -5,7 +5,9 @@
 Any POST answers 200 text/plain, each delta text its own `http.response.body` message, which is
 the least work an ASGI server can do for a streamed completion; chatgate's CPU per request is
 compared with this. `POST /slow` streams one delta every BENCH_SLOW_DELAY seconds until
-`POST /_bench/release` (the 10k hold); `POST /_bench/rearm` arms it again.
+`POST /_bench/release` (the 10k hold); `POST /_bench/rearm` arms it again. `POST /paced` streams
+BENCH_PACED_TOKENS delta texts BENCH_PACED_INTERVAL seconds apart, as the upstream's paced stream
+does, each its own `http.response.body`: the floor of the paced scenario (`bench/paced.py`).
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ _END = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
 class FloorApp:
-    def __init__(self, chunks: int, slow_delay: float, max_hold: float) -> None:
-        self.bodies = [
-            {"type": "http.response.body", "body": t.encode(), "more_body": True} for t in chunk_texts(chunks)
-        ]
+    def __init__(
+        self, chunks: int, slow_delay: float, max_hold: float, paced_tokens: int = 256, paced_interval: float = 0.02
+    ) -> None:
+        self.bodies = _bodies(chunks)
         self.slow_delay = slow_delay
         self.max_hold = max_hold
+        self.paced_bodies = _bodies(paced_tokens)
+        self.paced_interval = paced_interval
         self.gate: asyncio.Event | None = None
 
     @classmethod
@@ -44,6 +48,8 @@ class FloorApp:
             int(os.environ.get("BENCH_CHUNKS", "32")),
             float(os.environ.get("BENCH_SLOW_DELAY", "1.0")),
             float(os.environ.get("BENCH_MAX_HOLD", "180")),
+            int(os.environ.get("BENCH_PACED_TOKENS", "256")),
+            float(os.environ.get("BENCH_PACED_INTERVAL", "0.02")),
         )
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
@@ -68,10 +74,21 @@ class FloorApp:
         await send(_START)
         if path == "/slow":
             await self._hold(send, self.gate)
+        elif path == "/paced":
+            await self._paced(send)
         elif scope["method"] == "POST" and not path.startswith("/_bench/"):
             for body in self.bodies:
                 await send(body)
         await send(_END)
+
+    async def _paced(self, send: Send) -> None:
+        # Deadlines on an absolute schedule, as the upstream's pacer keeps them.
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i, body in enumerate(self.paced_bodies):
+            if i:
+                await asyncio.sleep(start + i * self.paced_interval - loop.time())
+            await send(body)
 
     async def _hold(self, send: Send, gate: asyncio.Event) -> None:
         await send(self.bodies[0])
@@ -85,6 +102,10 @@ class FloorApp:
                 await send(self.bodies[i % len(self.bodies)])
                 i += 1
         await send(self.bodies[-1])
+
+
+def _bodies(n: int) -> list[Message]:
+    return [{"type": "http.response.body", "body": t.encode(), "more_body": True} for t in chunk_texts(n)]
 
 
 app = FloorApp.from_env()

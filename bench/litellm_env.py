@@ -81,7 +81,7 @@ def ensure(venv: Path = VENV_DIR) -> LiteLLM | str:
 
 
 def write_config(path: Path, upstream_port: int) -> Path:
-    """The proxy config: `bench` and `bench-slow` routed to the bench upstream. JSON is valid YAML."""
+    """The proxy config: `bench`, `bench-slow`, `bench-paced` routed to the bench upstream. JSON is valid YAML."""
     base = f"http://127.0.0.1:{upstream_port}"
     config = {
         "model_list": [
@@ -89,7 +89,7 @@ def write_config(path: Path, upstream_port: int) -> Path:
                 "model_name": name,
                 "litellm_params": {"model": "openai/bench-model", "api_base": base + prefix, "api_key": "sk-bench"},
             }
-            for name, prefix in (("bench", "/v1"), ("bench-slow", "/slow/v1"))
+            for name, prefix in (("bench", "/v1"), ("bench-slow", "/slow/v1"), ("bench-paced", "/paced/v1"))
         ],
         "litellm_settings": {"telemetry": False, "drop_params": True, "request_timeout": 600},
         "general_settings": {"disable_spend_logs": True, "disable_error_logs": True},

@@ -274,8 +274,26 @@ def markdown(
     meta: dict[str, Any],
     hold_goal: int,
     runs: list[dict[str, Any]],
+    paced_runs: Sequence[dict[str, Any]] = (),
 ) -> str:
-    notes = "\n".join(f"- {n}" for n in [*meta.get("notes", []), *noise_notes(runs)])
+    from bench import paced  # it imports this module's helpers
+
+    notes = "\n".join(f"- {n}" for n in [*meta.get("notes", []), *noise_notes([*runs, *paced_runs])])
+    streams = [
+        "**Streams of 32 chunks** (TTFB = first body byte; CPU = serving process utime+stime per completed request)",
+        "",
+        stream_table(figs, paths),
+        "",
+    ]
+    held = [
+        f"**Held streams** (slow upstream: one delta every {meta['options']['slow_delay']:g} s until released)",
+        "",
+        hold_table(figs, paths),
+        "",
+    ]
+    paced_md = [paced.markdown(list(paced_runs), meta), ""] if paced_runs else []
+    paced_opts = meta["options"]["paced"]
+    paced_targets = paced.targets(paced.medians(paced_runs), paced_opts["concurrency"], paced_opts["rate"])
     return "\n".join(
         [
             f"Run {meta['started']} on {meta['machine']} — {meta['reps']} repetition(s), medians shown, "
@@ -284,18 +302,13 @@ def markdown(
                 ", idle cores polling (PM QoS latency 0)." if meta.get("poll_idle") else ", idle cores allowed to halt."
             ),
             "",
-            "**Streams of 32 chunks** (TTFB = first body byte; CPU = serving process utime+stime per completed "
-            "request)",
-            "",
-            stream_table(figs, paths),
-            "",
-            f"**Held streams** (slow upstream: one delta every {meta['options']['slow_delay']:g} s until released)",
-            "",
-            hold_table(figs, paths),
-            "",
+            *(streams if any(s in ("c1", "c64") for _, s in figs) else []),
+            *(held if any(s == "hold" for _, s in figs) else []),
+            *paced_md,
             "**Targets**",
             "",
-            *targets(figs, hold_goal),
+            *(targets(figs, hold_goal) if figs else []),
+            *(paced_targets if paced_runs else []),
             *(["", "**Notes**", "", notes] if notes else []),
             "",
             "![latency and CPU per path](latest.png)",
@@ -352,18 +365,22 @@ def write_all(
     hold_goal: int,
     doc: Path | None,
     name: str = "latest",
+    paced_runs: Sequence[dict[str, Any]] = (),
 ) -> str:
     """Write `<timestamp>.json`, `<name>.md`, `<name>.png` (and the doc's results block); return the md."""
     figs = aggregate(runs)
-    md = markdown(figs, paths, meta, hold_goal, runs)
+    md = markdown(figs, paths, meta, hold_goal, runs, paced_runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = md.replace("](latest.png)", f"]({name}.png)")
     (out_dir / f"{name}.md").write_text(f"# chatgate benchmark — {name} run\n\n" + md)
     medians = {f"{p} {s}": f.values for (p, s), f in figs.items()}
     stamp = meta["started"].replace(":", "").replace("-", "")
-    (out_dir / f"{stamp}.json").write_text(json.dumps({"meta": meta, "medians": medians, "runs": runs}))
+    (out_dir / f"{stamp}.json").write_text(
+        json.dumps({"meta": meta, "medians": medians, "runs": runs, "paced_runs": list(paced_runs)})
+    )
     try:
-        chart(figs, paths, out_dir / f"{name}.png")
+        if figs:  # the chart is of the c1/c64/hold scenarios
+            chart(figs, paths, out_dir / f"{name}.png")
     except ImportError as exc:
         print(f"no chart: {exc} (pip install -e '.[bench]')")
     if doc is not None and doc.exists():

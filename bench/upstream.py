@@ -8,6 +8,10 @@ Routes (any prefix before `/chat/completions` is accepted, e.g. `/v1/...`):
   whole stream with `--coalesce`); otherwise it sleeps `delay` seconds between chunks.
 - `POST /slow/.../chat/completions`: the hold stream. First delta at once, then one delta every
   `--slow-delay` seconds until `POST /_bench/release` (or `--max-hold` seconds), then the end.
+- `POST /paced/.../chat/completions`: a real model server's shape (`--paced-tokens` deltas,
+  `--paced-interval` seconds apart, one event per write, chunked, keep-alive): the first delta at
+  once, then one write per interval; the stop event, `[DONE]` and the last chunk are the final write.
+  One timer for all paced streams (`Pacer`) keeps the upstream cheap at thousands of streams.
 - `POST /_bench/rearm` makes new slow streams hold again; `GET /healthz`, `GET .../models`.
 
 It is a protocol and not an ASGI app so that it stays far cheaper per request than anything
@@ -20,6 +24,7 @@ import argparse
 import asyncio
 import re
 import resource
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import cast
 
@@ -38,6 +43,8 @@ class UpstreamConfig:
     slow_delay: float = 1.0
     max_hold: float = 180.0
     coalesce: bool = False
+    paced_tokens: int = 256
+    paced_interval: float = 0.02
 
 
 class HoldGate:
@@ -84,9 +91,72 @@ class Responses:
         self.not_found = _simple(b"404 Not Found", b'{"error":{"message":"not found"}}')
 
 
+class _PacedStream:
+    __slots__ = ("close_after", "next", "transport")
+
+    def __init__(self, transport: asyncio.Transport, close_after: bool) -> None:
+        self.transport, self.next, self.close_after = transport, 1, close_after
+
+
+class Pacer:
+    """Writes the paced streams' events on one shared timer of `TICK` seconds.
+
+    A task (or a timer) per stream per event would cost the upstream, on the client core, more
+    than the relay it measures costs on the server core at a thousand streams; here a stream's
+    event is one `write()` in a batch of the streams due on the same tick. Ticks run on an absolute
+    schedule, so the pace does not drift with the work done per tick.
+    """
+
+    TICK = 0.001
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        frames = payload.sse_frames(cfg.paced_tokens)
+        head = payload.CHUNK_HEAD + b"\r\n"
+        # One write per delta; the stop event, [DONE] and the last chunk go in the final write.
+        self.writes = [head + frames[0], *frames[1:-2], frames[-2] + frames[-1] + payload.LAST_CHUNK]
+        self.every = max(1, round(cfg.paced_interval / self.TICK))
+        self.due: defaultdict[int, list[_PacedStream]] = defaultdict(list)
+        self.tick = 0
+        self.t0 = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self, transport: asyncio.Transport, close_after: bool) -> None:
+        """Write the head and first delta now, the rest one interval apart."""
+        transport.write(self.writes[0])
+        loop = asyncio.get_running_loop()
+        if self.timer is None:
+            self.t0, self.tick = loop.time(), 0
+            self.timer = loop.call_at(self.t0 + self.TICK, self._run)
+        self.due[self.tick + self.every].append(_PacedStream(transport, close_after))
+
+    def _run(self) -> None:
+        self.tick += 1
+        streams = self.due.pop(self.tick, None)
+        if streams:
+            last = len(self.writes) - 1
+            later: list[_PacedStream] = []
+            for stream in streams:
+                transport, i = stream.transport, stream.next
+                if transport.is_closing():
+                    continue
+                transport.write(self.writes[i])
+                if i == last:
+                    if stream.close_after:
+                        transport.close()
+                    continue
+                stream.next = i + 1
+                later.append(stream)
+            if later:
+                self.due[self.tick + self.every].extend(later)
+        if self.due:
+            self.timer = asyncio.get_running_loop().call_at(self.t0 + (self.tick + 1) * self.TICK, self._run)
+        else:
+            self.timer = None
+
+
 class UpstreamProtocol(asyncio.Protocol):
-    def __init__(self, cfg: UpstreamConfig, res: Responses, gate: HoldGate) -> None:
-        self.cfg, self.res, self.gate = cfg, res, gate
+    def __init__(self, cfg: UpstreamConfig, res: Responses, gate: HoldGate, pacer: Pacer) -> None:
+        self.cfg, self.res, self.gate, self.pacer = cfg, res, gate, pacer
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.url = b""
@@ -131,6 +201,9 @@ class UpstreamProtocol(asyncio.Protocol):
                 transport.write(self.res.json)
             elif path.startswith(b"/slow/"):
                 self.task = asyncio.get_running_loop().create_task(self._hold(transport))
+            elif path.startswith(b"/paced/"):
+                self.pacer.start(transport, close_after=not self.parser.should_keep_alive())
+                return
             elif self.cfg.delay > 0:
                 self.task = asyncio.get_running_loop().create_task(self._paced(transport))
             elif self.cfg.coalesce:
@@ -183,9 +256,9 @@ class UpstreamProtocol(asyncio.Protocol):
 
 async def serve(host: str, port: int, cfg: UpstreamConfig) -> None:
     loop = asyncio.get_running_loop()
-    res, gate = Responses(cfg), HoldGate()
+    res, gate, pacer = Responses(cfg), HoldGate(), Pacer(cfg)
     server = await loop.create_server(
-        lambda: UpstreamProtocol(cfg, res, gate), host, port, backlog=4096, reuse_address=True
+        lambda: UpstreamProtocol(cfg, res, gate, pacer), host, port, backlog=4096, reuse_address=True
     )
     async with server:
         await server.serve_forever()
@@ -200,10 +273,14 @@ def main() -> None:
     ap.add_argument("--slow-delay", type=float, default=1.0, help="seconds between chunks of a hold stream")
     ap.add_argument("--max-hold", type=float, default=180.0, help="a hold stream ends by itself after this")
     ap.add_argument("--coalesce", action="store_true", help="write each fast stream with one write()")
+    ap.add_argument("--paced-tokens", type=int, default=256, help="deltas of a /paced/ stream")
+    ap.add_argument("--paced-interval", type=float, default=0.02, help="seconds between a /paced/ stream's deltas")
     args = ap.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    cfg = UpstreamConfig(args.chunks, args.delay, args.slow_delay, args.max_hold, args.coalesce)
+    cfg = UpstreamConfig(
+        args.chunks, args.delay, args.slow_delay, args.max_hold, args.coalesce, args.paced_tokens, args.paced_interval
+    )
     uvloop.run(serve(args.host, args.port, cfg))
 
 

@@ -1,5 +1,5 @@
-"""api/chat_custom.py's reading of upstream reads: the whole-read fast path (`data_array`) must
-give exactly what the SSE decoder path gives (texts, end, token counts and errors) for any
+"""api/chat_custom.py's reading of upstream reads: the fast paths (`data_array`, `one_event_data`)
+must give exactly what the SSE decoder path gives (texts, end, token counts and errors) for any
 stream cut into reads anywhere."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from chatgate.api.chat_custom import _read_texts, _texts
 from chatgate.errors import ChatgateError
 from chatgate.trace import ChatTrace
-from chatgate.upstream.sse import SSEDecoder, data_array
+from chatgate.upstream.sse import SSEDecoder, data_array, one_event_data
 
 _content = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 
@@ -67,7 +67,10 @@ def event_data(draw: st.DrawFn) -> bytes:
             )
         )
     spaced = draw(st.booleans())
-    return json.dumps(obj, ensure_ascii=draw(st.booleans()), separators=(", ", ": ") if spaced else (",", ":")).encode()
+    # Now and then pretty-printed: valid JSON, but its line ends make SSE lines of their own.
+    indent = draw(st.sampled_from([None] * 9 + [1]))
+    separators = (", ", ": ") if spaced else (",", ":")
+    return json.dumps(obj, ensure_ascii=draw(st.booleans()), separators=separators, indent=indent).encode()
 
 
 @st.composite
@@ -133,6 +136,7 @@ def test_an_ordinary_read_takes_the_fast_path() -> None:
         b"data: {}\n\ndata: {",  # an unfinished event at the end
         b"event: x\ndata: {}\n\n",  # a named event
         b'data: {"choices":\r[]}\n\n',  # a bare CR ends the line: the event is `{"choices":`
+        b'data: {"choices":\n[]}\n\n',  # so does an LF: the second line is a field named `[]}`
     ],
 )
 def test_other_reads_go_to_the_decoder(read: bytes) -> None:
@@ -146,3 +150,28 @@ def test_events_merged_into_one_object_are_caught_by_their_count() -> None:
     assert json.loads(array) == [{"a": 1, "b": 2}] and count == 2
     with pytest.raises(ChatgateError, match="not JSON"):
         _read_texts(read, SSEDecoder(), ChatTrace())
+
+
+def test_a_read_of_one_event_is_parsed_alone() -> None:
+    # What a model server writes while it generates: one event per token, one write each.
+    read = b"data: " + json.dumps(chunk_object("tok")).encode() + b"\n\n"
+    assert one_event_data(read) == read[len(b"data: ") : -2]
+    assert _read_texts(read, SSEDecoder(), ChatTrace()) == (["tok"], False)
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        b"data: {}\n\ndata: {}\n\n",  # two events
+        b'data: {"a":1,\n"b":2}\n\n',  # two lines: the second is a field named `"b"`, ignored
+        b'data: {"a":1,\r"b":2}\n\n',  # a bare CR ends a line too
+        b"data: {}\r\n\r\n",  # CRLF framing
+        b"data: [DONE]\n\n",
+        b": ping\n\ndata: {}\n\n",
+        b"data:{}\n\n",  # no space: its own data is the same, but not this path's shape
+        b'data: {"a":1}\n',  # not ended yet
+    ],
+)
+def test_only_a_whole_one_line_event_is_read_alone(read: bytes) -> None:
+    assert one_event_data(read) is None
+    assert relay([read], _read_texts) == relay([read], through_decoder)

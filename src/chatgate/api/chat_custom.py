@@ -22,7 +22,7 @@ from chatgate.registry import parse_id
 from chatgate.runtime import Runtime
 from chatgate.trace import ChatTrace
 from chatgate.upstream.http11 import Response
-from chatgate.upstream.sse import DONE, SSEDecoder, data_array, ends_finished
+from chatgate.upstream.sse import DONE, SSEDecoder, data_array, ends_finished, one_event_data
 
 log = logging.getLogger("chatgate.chat")
 
@@ -132,17 +132,24 @@ def _read_texts(chunk: bytes, decoder: SSEDecoder, trace: ChatTrace) -> tuple[li
     """The delta texts of one upstream read, and whether it ended the stream ([DONE]).
 
     A read of whole one-line events (nearly every read) is parsed as one JSON array made from it
-    directly (`data_array`); any other read, or one whose array does not parse into one value
-    per event, goes through the SSE decoder."""
-    if decoder.at_boundary and (whole := data_array(chunk)) is not None:
-        array, count, finished = whole
-        try:
-            objects = orjson.loads(array)
-        except orjson.JSONDecodeError:
-            pass
-        else:
-            if len(objects) == count:
-                return _object_texts(objects, trace), finished
+    directly (`data_array`), and a read of exactly one such event (a model server writing as it
+    generates) is parsed alone, without the array (`one_event_data`); any other read, or one
+    whose JSON does not parse into one value per event, goes through the SSE decoder."""
+    if decoder.at_boundary:
+        if (data := one_event_data(chunk)) is not None:
+            try:
+                return _object_texts([orjson.loads(data)], trace), False
+            except orjson.JSONDecodeError:
+                pass  # the decoder finds it, and says so
+        elif (whole := data_array(chunk)) is not None:
+            array, count, finished = whole
+            try:
+                objects = orjson.loads(array)
+            except orjson.JSONDecodeError:
+                pass
+            else:
+                if len(objects) == count:
+                    return _object_texts(objects, trace), finished
     return _texts(decoder.feed_data(chunk), trace)
 
 

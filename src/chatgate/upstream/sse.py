@@ -189,7 +189,33 @@ def data_array(chunk: bytes) -> tuple[bytes, int, bool] | None:
     if not (chunk.startswith(_DATA + b"{") and chunk.endswith(b"}\n\n")) or b"\r" in chunk:
         return None
     events = chunk.count(_BETWEEN) + 1
+    if chunk.count(b"\n") != 2 * events:
+        # A line end inside an event (JSON allows it as whitespace) makes a second line, which SSE
+        # reads as another field: the event's data is not what the array would say.
+        return None
     return b"[" + chunk[len(_DATA) : -2].replace(_BETWEEN, b",") + b"]", events, finished
+
+
+_EVENT_HEAD = _DATA + b"{"
+_EVENT_TAIL = b"}\n\n"
+
+
+def one_event_data(chunk: bytes) -> bytes | None:
+    """The data of a read that is exactly one whole one-line `data: {…}` event with LF framing,
+    which is what a model server writes while it generates: one event per token, one write each.
+    None for any other read (several events, [DONE], a comment, CR, more than one line).
+
+    Its only line ends are the blank line's two LFs at the end, so the SSE decoder would give
+    this one event with this data. Measured on the paced bench's reads (one 180-byte event), in
+    process: 1.5-2 µs to check and parse it alone, against 5-9 µs through `data_array`'s array."""
+    if (
+        chunk.endswith(_EVENT_TAIL)
+        and chunk.startswith(_EVENT_HEAD)
+        and chunk.find(b"\n") == len(chunk) - 2
+        and b"\r" not in chunk
+    ):
+        return chunk[len(_DATA) : -2]
+    return None
 
 
 _FINISH_KEY = b'"finish_reason":'
