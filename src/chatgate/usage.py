@@ -51,6 +51,8 @@ COLUMNS = (
     "bytes_out",
     "client_gone",
     "error",
+    "attempts",
+    "answered_model_id",
 )
 
 
@@ -76,6 +78,8 @@ def row_encoder(dialect: str) -> Callable[[ChatTrace], tuple[Any, ...]]:
             trace.bytes_out,
             trace.client_gone,
             trace.error[:_ERROR_MAX] if trace.error else None,
+            trace.attempts or None,
+            uuid_value(trace.answered_id),
         )
 
     return encode
@@ -198,6 +202,8 @@ class UsageRecord:
     bytes_out: int
     client_gone: bool
     error: str | None
+    attempts: int | None = None
+    answered_model_id: uuid.UUID | None = None
 
     @property
     def failed(self) -> bool:
@@ -220,6 +226,8 @@ class UsageRecord:
             "bytes_out": self.bytes_out,
             "client_gone": self.client_gone,
             "error": self.error,
+            "attempts": self.attempts,
+            "answered_model_id": str(self.answered_model_id) if self.answered_model_id else None,
         }
 
 
@@ -271,6 +279,8 @@ async def query_usage(
             bytes_out=row.bytes_out,
             client_gone=bool(row.client_gone),
             error=row.error,
+            attempts=row.attempts,
+            answered_model_id=None if row.answered_model_id is None else as_uuid(row.answered_model_id),
         )
         for row in rows
     ]

@@ -11,14 +11,17 @@ says it may carry what chatgate needs: the token counts (`"usage":{`), an in-ban
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import orjson
 
 from chatgate.api.asgi import Receive, Scope, Send
 from chatgate.api.openai_shapes import render_error as render_error  # app.py renders chat errors with it
-from chatgate.api.relay import admit_chat, incomplete, require_event_stream, run_chat, with_usage
+from chatgate.api.relay import admit_chat, incomplete, require_event_stream, run_chat
 from chatgate.errors import BadRequest, ChatgateError
+from chatgate.failover import shown_model
+from chatgate.registry import ModelRecord
 from chatgate.runtime import Runtime
 from chatgate.security.crypto import mask
 from chatgate.trace import ChatTrace
@@ -98,9 +101,12 @@ class OpenAIChat:
             raise BadRequest("stream must be a boolean", param="stream")
         record = await runtime.model_by_ref(principal, ref)
         payload = {**body, "model": record.model_id}
-        headers = [(b"x-request-id", trace.request_id.encode())]
+        request_id = (b"x-request-id", trace.request_id.encode())
+
+        def headers(model: ModelRecord) -> list[tuple[bytes, bytes]]:
+            return [request_id, (b"x-chatgate-model", shown_model(principal, record, model).encode())]
+
         if not stream:
-            relay_json = _JSONRelay(send, trace, headers)
             await run_chat(
                 runtime,
                 scope,
@@ -108,36 +114,70 @@ class OpenAIChat:
                 trace,
                 record,
                 payload,
-                relay_json,
+                lambda model: _JSONRelay(send, trace, headers(model)),
                 accept="application/json",
                 first_byte_timeout=runtime.settings.completion_timeout,
             )
             return
         options = body.get("stream_options")
         asked = isinstance(options, dict) and options.get("include_usage") is True
-        relay = _StreamRelay(
-            send,
-            trace,
-            headers,
-            strip_usage=not asked,
-            api_key=record.api_key,
-            max_event_bytes=runtime.settings.max_event_bytes,
-        )
-        if asked or not runtime.registry.accepts_stream_options(record.id):
-            await run_chat(runtime, scope, receive, trace, record, payload, relay, on_failure=relay.fail)
-        else:
-            # Ask for the token counts; the usage chunk is kept from a client that did not ask.
-            await run_chat(
-                runtime,
-                scope,
-                receive,
+        max_event_bytes = runtime.settings.max_event_bytes
+
+        def relay_for(model: ModelRecord) -> _StreamRelay:
+            return _StreamRelay(
+                send,
                 trace,
-                record,
-                with_usage(payload),
-                relay,
-                on_failure=relay.fail,
-                fallback=payload,
+                headers(model),
+                strip_usage=not asked,
+                api_key=model.api_key,
+                max_event_bytes=max_event_bytes,
             )
+
+        # Unless the client asked, ask for the token counts; the usage chunk is kept from it.
+        await run_chat(
+            runtime,
+            scope,
+            receive,
+            trace,
+            record,
+            payload,
+            relay_for,
+            on_failure=partial(send_error_event, send, trace),
+            ask_usage=not asked,
+        )
+
+
+def _commits(data: bytes) -> bool:
+    """Whether these whole events begin the answer: any event but a chunk whose deltas carry only
+    a role or empty content (what servers send first, before the model's first token). Read only
+    until the response starts, typically one parse of one small event per chat."""
+    if b"data:" not in data:
+        return False
+    for raw in split_events(data):
+        for event in decode_event(raw):
+            if not _empty_start(event.data):
+                return True
+    return False
+
+
+_EMPTY_DELTA_KEYS = frozenset({"role", "content", "refusal"})
+
+
+def _empty_start(data: bytes) -> bool:
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    if not choices or not isinstance(choices, list) or "error" in chunk or isinstance(chunk.get("usage"), dict):
+        return False
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict) or choice.get("finish_reason") is not None:
+            return False
+        if not _EMPTY_DELTA_KEYS.issuperset(delta) or delta.get("content") or delta.get("refusal"):
+            return False
+    return True
 
 
 def _has_done(data: bytes) -> bool:
@@ -207,8 +247,10 @@ class _StreamRelay:
         done = False
         # The last two reads sent: where a stream without [DONE] shows that it finished.
         previous = last = b""
-        # What came before the first `data:` (comments, or lines that are not SSE at all): sent
-        # with the first event, so that an answer without events is a 502, not an empty 200.
+        # What came before the first event with something in it (comments, lines that are not SSE
+        # at all, the role-only first chunk): sent with that event, so that an answer without
+        # events is a 502, not an empty 200, and so that until the answer's first content
+        # nothing has reached the client and a failing model can still fail over.
         early: list[bytes] = []
         early_size = 0
         while (chunk := await response.next_chunk()) is not None:
@@ -217,7 +259,7 @@ class _StreamRelay:
                 data, done = self._look_into(data)
             if data:
                 if not trace.started:
-                    if b"data:" not in data:
+                    if not _commits(data):
                         early.append(data)
                         early_size += len(data)
                         if early_size > self._max_event_bytes:
@@ -305,11 +347,12 @@ class _StreamRelay:
                 return False
         return True
 
-    async def fail(self, exc: ChatgateError) -> None:
-        """A failure after the stream began: an error event, then the end of the stream."""
-        event = b"data: " + orjson.dumps(render_error(exc)) + b"\n\n"
-        await self._send({"type": "http.response.body", "body": event})
-        self._trace.bytes_out += len(event)
+
+async def send_error_event(send: Send, trace: ChatTrace, exc: ChatgateError) -> None:
+    """A failure after the stream began: an error event, then the end of the stream."""
+    event = b"data: " + orjson.dumps(render_error(exc)) + b"\n\n"
+    await send({"type": "http.response.body", "body": event})
+    trace.bytes_out += len(event)
 
 
 _MESSAGE = {"type": "object", "properties": {"role": {"type": "string"}, "content": {}}, "required": ["role"]}
