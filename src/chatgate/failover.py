@@ -114,10 +114,19 @@ def shown_model(principal: Principal, requested: ModelRecord, answered: ModelRec
     return "other"
 
 
+# How much busier than the least busy member (in requests in flight per unit of weight) a member
+# may be and still take its turn. Pure least-in-flight skews the split towards the lighter
+# weights at low concurrency (a 3:1 group split 2.3:1 with 8 chats in flight, in a simulation of
+# equally fast members); with this slack the split stays within 2% of the weights from 2 to 64
+# in flight, while a member whose requests pile up (a slow server) is passed over.
+_SLACK = 2.0
+
+
 class Balancer:
-    """Spreads a group's chats over its members: the least in-flight requests per unit of weight
-    first; ties (an idle group, or a sequential client) broken by smooth weighted round-robin
-    (nginx's), so that N chats in a row split by the weights exactly."""
+    """Spreads a group's chats over its members by smooth weighted round-robin (nginx's), among
+    the members that are not much busier than the least busy one (`_SLACK`): N chats in a row
+    split exactly by the weights, concurrent ones within a few percent, and a member that falls
+    behind gets fewer until it catches up."""
 
     def __init__(self) -> None:
         self.in_flight: dict[uuid.UUID, int] = {}
@@ -127,8 +136,8 @@ class Balancer:
         """The members in the order to try them: the chosen one first, then the others by load."""
         in_flight = self.in_flight
         load = {model_id: in_flight.get(model_id, 0) / weight for model_id, weight in members}
-        least = min(load.values())
-        tied = [(model_id, weight) for model_id, weight in members if load[model_id] == least]
+        least = min(load.values()) + _SLACK
+        tied = [(model_id, weight) for model_id, weight in members if load[model_id] <= least]
         chosen = tied[0][0]
         if len(tied) > 1:
             current = self._current
