@@ -222,9 +222,7 @@ def test_retry_after_is_waited_for_when_short(server: ChatgateServer, fake: Fake
     assert elapsed < 5
 
 
-def test_a_retry_after_beyond_the_cap_goes_to_the_fallback_at_once(
-    server: ChatgateServer, fake: FakeUpstream
-) -> None:
+def test_a_retry_after_beyond_the_cap_goes_to_the_fallback_at_once(server: ChatgateServer, fake: FakeUpstream) -> None:
     primary = failing(server, fake, "status_429")
     fake.script(primary.name, scripts.failure("status_429", retry_after="120"))
     fallback = answering(server, fake, "no waiting")
@@ -236,9 +234,7 @@ def test_a_retry_after_beyond_the_cap_goes_to_the_fallback_at_once(
     assert len(primary.requests()) == 1
 
 
-def test_a_retry_after_beyond_the_cap_without_fallback_passes_it_on(
-    server: ChatgateServer, fake: FakeUpstream
-) -> None:
+def test_a_retry_after_beyond_the_cap_without_fallback_passes_it_on(server: ChatgateServer, fake: FakeUpstream) -> None:
     primary = Upstream(server, fake, scripts.failure("status_429", retry_after="120"))
     response = custom(server, primary.id)
     assert response.status_code == 429
@@ -292,9 +288,7 @@ def test_fallbacks_are_tried_in_order(server: ChatgateServer, fake: FakeUpstream
     assert (row["attempts"], row["answered_model_id"]) == (3, third.id)
 
 
-def test_when_every_model_fails_the_error_names_no_fallback_detail(
-    server: ChatgateServer, fake: FakeUpstream
-) -> None:
+def test_when_every_model_fails_the_error_names_no_fallback_detail(server: ChatgateServer, fake: FakeUpstream) -> None:
     primary = failing(server, fake, "status_500")
     secret_url = refused_base_url()
     fallback = Upstream(server, fake, base_url=secret_url, api_key="sk-fallback-secret-0123456789")
@@ -387,9 +381,7 @@ def test_a_caller_of_a_shared_model_never_learns_its_fallbacks(server: ChatgateS
     with server.client(caller) as client:
         shown = client.get(f"/api/models/{shared.id}").json()
         listed = [m for m in client.get("/api/models").json()["data"] if m["id"] == shared.id]
-        direct = client.post(
-            "/api/chat/custom", json={"chatSettings": {}, "messages": [], "customModelId": hidden.id}
-        )
+        direct = client.post("/api/chat/custom", json={"chatSettings": {}, "messages": [], "customModelId": hidden.id})
     assert "fallbacks" not in shown and "members" not in shown
     assert "fallbacks" not in listed[0]
     assert direct.status_code == 404  # the fallback is not the caller's to use directly

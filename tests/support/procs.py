@@ -58,10 +58,8 @@ class Blackhole:
         for _ in range(3):  # a backlog of 0 still queues one or two: fill it
             filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             filler.setblocking(False)
-            try:
+            with contextlib.suppress(BlockingIOError):
                 filler.connect((LOOPBACK, self.port))
-            except BlockingIOError:
-                pass
             self._fillers.append(filler)
 
     @property
