@@ -199,13 +199,15 @@ class Failover:
         if record.fallbacks:
             plan += record.fallbacks
         last: tuple[ChatgateError, ModelRecord] | None = None
+        left: ModelRecord | None = None  # the model the chat moves on from (failed or skipped)
         skipped = 0
         for entry in plan:
             model = entry if isinstance(entry, ModelRecord) else await self._target(record, entry)
             if model is None:
                 continue
-            if last is not None:
-                self._count("chatgate_fallbacks", last[1])
+            if left is not None:
+                self._count("chatgate_fallbacks", left)
+            left = model
             for retry in range(settings.retry_attempts + 1):
                 if not breaker.allow(model.id):
                     skipped += 1

@@ -82,9 +82,9 @@ def custom(server: ChatgateServer, model: str, token: str | None = None) -> http
         return client.post("/api/chat/custom", json=payload)
 
 
-def usage_row(server: ChatgateServer, model: str, request_id: str) -> dict[str, Any]:
+def usage_row(server: ChatgateServer, model: str, request_id: str, token: str | None = None) -> dict[str, Any]:
     def fetch() -> dict[str, Any] | None:
-        with server.client() as client:
+        with server.client(token) as client:
             rows = client.get("/api/usage", params={"model": model}).json()["data"]
         return next((row for row in rows if row["request_id"] == request_id), None)
 
@@ -382,6 +382,8 @@ def test_a_caller_of_a_shared_model_never_learns_its_fallbacks(server: ChatgateS
         shown = client.get(f"/api/models/{shared.id}").json()
         listed = [m for m in client.get("/api/models").json()["data"] if m["id"] == shared.id]
         direct = client.post("/api/chat/custom", json={"chatSettings": {}, "messages": [], "customModelId": hidden.id})
+    row = usage_row(server, shared.id, response.headers["x-request-id"], caller)
+    assert row["answered_model_id"] == "hidden"  # the owner's private model's id, kept from the caller
     assert "fallbacks" not in shown and "members" not in shown
     assert "fallbacks" not in listed[0]
     assert direct.status_code == 404  # the fallback is not the caller's to use directly

@@ -137,6 +137,12 @@ def test_the_breaker_probes_after_its_cooldown_and_closes(
         time.sleep(1.0)
         assert client.post("/api/chat/custom", json=payload(primary)).text == "healthy again"
         assert client.post("/api/chat/custom", json=payload(primary)).text == "healthy again"
+        metrics = client.get("/metrics").text
+    # Six chats left the primary (two failures, three skipped, one failed probe); the breaker
+    # opened twice (the threshold, then the failed probe); no retries were allowed.
+    assert f'chatgate_fallbacks_total{{model="{name}"}} 6.0' in metrics
+    assert f'chatgate_breaker_openings_total{{model="{name}"}} 2.0' in metrics
+    assert f'chatgate_retries_total{{model="{name}"}}' not in metrics
 
 
 # ----- balancing -----------------------------------------------------------------------------

@@ -256,6 +256,12 @@ def _upstream_payload(body: object) -> tuple[uuid.UUID, dict[str, Any]]:
     return parse_id(model_ref), payload
 
 
+# The model that answered (failover.py): a fallback or a group member may answer instead.
+_MODEL_HEADER = {
+    "description": "The chatgate id of the model that answered, or its place (fallback-N, member-N) "
+    "when the caller may not know that model's id",
+    "schema": {"type": "string"},
+}
 _MESSAGE = {"type": "object", "properties": {"role": {"type": "string"}, "content": {}}, "required": ["role"]}
 
 # Hand-written: this route is pure ASGI, outside FastAPI (see api/openapi.py).
@@ -287,6 +293,7 @@ OPENAPI: dict[str, Any] = {
             "200": {
                 "description": "The answer's text, streamed as it arrives",
                 "content": {"text/plain": {"schema": {"type": "string"}}},
+                "headers": {"X-Chatgate-Model": _MODEL_HEADER},
             },
             "400": error_response("Malformed body, or a missing or mistyped field"),
             "401": error_response("No or bad credential"),

@@ -370,6 +370,12 @@ async def send_error_event(send: Send, trace: ChatTrace, exc: ChatgateError) -> 
     trace.bytes_out += len(event)
 
 
+# The model that answered (failover.py): a fallback or a group member may answer instead.
+_MODEL_HEADER = {
+    "description": "The chatgate id of the model that answered, or its place (fallback-N, member-N) "
+    "when the caller may not know that model's id",
+    "schema": {"type": "string"},
+}
 _MESSAGE = {"type": "object", "properties": {"role": {"type": "string"}, "content": {}}, "required": ["role"]}
 _ERROR = {
     "type": "object",
@@ -420,6 +426,7 @@ OPENAPI: dict[str, Any] = {
             "200": {
                 "description": "A chat.completion, or with stream=true chat.completion.chunk events then [DONE]",
                 "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},
+                "headers": {"X-Chatgate-Model": _MODEL_HEADER},
             },
             "400": _error("Malformed body, or an ambiguous model name"),
             "401": _error("No or bad credential"),
