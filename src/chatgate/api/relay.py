@@ -212,22 +212,15 @@ def _time_first_reads(response: Response, trace: ChatTrace, first_token_timeout:
     can still fail over); then the plain read is put back: no cost per chunk after the first
     client byte."""
     read = response.next_chunk
-    limit = None if first_token_timeout is None else asyncio.get_running_loop().time() + first_token_timeout
+    if first_token_timeout is not None:
+        response.expect_text_by(asyncio.get_running_loop().time() + first_token_timeout)
 
     async def timed() -> bytes | None:
         if trace.started:
             response.next_chunk = read
+            response.text_arrived()
             return await read()
-        if limit is None:
-            chunk = await read()
-        else:
-            try:
-                async with asyncio.timeout_at(limit):
-                    chunk = await read()
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    f"The model server sent no text within {first_token_timeout:g} s of its answer's head"
-                ) from None
+        chunk = await read()
         trace.upstream_read()
         return chunk
 
