@@ -136,3 +136,34 @@ def test_a_hung_server_costs_one_timeout_per_block(backend: str, private_pg: ser
     hung, midway = asyncio.run(asyncio.wait_for(go(), 30))
     assert max(hung) < TIMEOUT + MARGIN, hung
     assert max(midway) < TIMEOUT + MARGIN, midway  # from the block's start, not from the freeze
+
+
+def test_the_failover_migration_goes_down_and_up_again(database_url: str) -> None:
+    """0005 (routes, usage attempts) is reversible: down to 0004 drops what it added, up restores it."""
+    from alembic import command
+
+    async def go() -> tuple[set[str], set[str], set[str]]:
+        engine = db.create_engine(database_url)
+        try:
+            await db.upgrade(engine)
+
+            def state(sync: sa.Connection) -> set[str]:
+                inspector = sa.inspect(sync)
+                columns = {c["name"] for c in inspector.get_columns("chatgate_usage")}
+                return set(inspector.get_table_names()) | {f"usage.{c}" for c in columns}
+
+            async with engine.begin() as conn:
+                up = await conn.run_sync(state)
+                await conn.run_sync(lambda sync: command.downgrade(db._alembic_config(sync), "0004"))
+                down = await conn.run_sync(state)
+                await conn.run_sync(db._upgrade)
+                again = await conn.run_sync(state)
+            return up, down, again
+        finally:
+            await engine.dispose()
+
+    up, down, again = asyncio.run(go())
+    added = {"chatgate_model_routes", "usage.attempts", "usage.answered_model_id"}
+    assert added <= up
+    assert not added & down
+    assert again == up

@@ -1,10 +1,14 @@
-"""Model-cache invalidation between instances, over Redis pub/sub.
+"""Model-cache invalidation and circuit-breaker state between instances, over Redis pub/sub.
 
 A model written through one instance (or the CLI) is published on `{prefix}models`; every
 instance listening drops that model from its cache, so a deleted model is refused everywhere
 within milliseconds. Pub/sub delivers at most once: whenever the subscription is (re)made, after
 Redis was away, the whole cache is dropped, since messages sent meanwhile were lost. The cache's
 TTL stays the safety net for everything else.
+
+Breakers (breaker.py) travel on `{prefix}breakers`: `{model} {seconds} {cooldown}` when one
+opened (0 seconds: closed). A lost message costs one instance a few failures of its own before
+its breaker opens too.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ class CacheBus:
     ) -> None:
         self._redis = redis
         self.channel = prefix + "models"
+        self.breaker_channel = prefix + "breakers"
+        self._on_breaker: Callable[[uuid.UUID, float, float], None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
         self._metrics = metrics
         self._reconnect_delay = reconnect_delay
         self._task: asyncio.Task[None] | None = None
@@ -55,8 +62,31 @@ class CacheBus:
                 self._metrics.redis_errors.labels("publish").inc()
             log.warning("could not publish a model change to Redis (%s: %s)", type(exc).__name__, exc)
 
-    def start(self, invalidate: Callable[[uuid.UUID | None], None]) -> None:
-        """Listen in the background, calling `invalidate(model_id or None)` for each change."""
+    def publish_breaker(self, model_id: uuid.UUID, seconds: float, cooldown: float) -> None:
+        """Tell every instance a model's breaker opened for `seconds` (0: closed), in the
+        background: a chat never waits for Redis."""
+        message = f"{model_id} {seconds:g} {cooldown:g}"
+        task = asyncio.get_running_loop().create_task(self._publish_breaker(message))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _publish_breaker(self, message: str) -> None:
+        try:
+            async with asyncio.timeout(5):
+                await self._redis.publish(self.breaker_channel, message)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if self._metrics is not None:
+                self._metrics.redis_errors.labels("publish").inc()
+            log.warning("could not publish a breaker change to Redis (%s: %s)", type(exc).__name__, exc)
+
+    def start(
+        self,
+        invalidate: Callable[[uuid.UUID | None], None],
+        on_breaker: Callable[[uuid.UUID, float, float], None] | None = None,
+    ) -> None:
+        """Listen in the background, calling `invalidate(model_id or None)` for each change, and
+        `on_breaker(model_id, seconds, cooldown)` for each breaker another instance opened or closed."""
+        self._on_breaker = on_breaker
         self._task = asyncio.get_running_loop().create_task(self._listen(invalidate), name="chatgate-cachebus")
 
     async def wait_subscribed(self) -> None:
@@ -68,7 +98,7 @@ class CacheBus:
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.channel)
+                await pubsub.subscribe(self.channel, self.breaker_channel)
                 invalidate(None)  # whatever was published while we were not listening is lost
                 self._subscribed.set()
                 if failing:
@@ -77,7 +107,10 @@ class CacheBus:
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message["type"] == "message":
-                        self._apply(message["data"], invalidate)
+                        if message["channel"] in (self.breaker_channel, self.breaker_channel.encode()):
+                            self._apply_breaker(message["data"])
+                        else:
+                            self._apply(message["data"], invalidate)
             except (RedisError, OSError) as exc:
                 self._subscribed.clear()
                 if self._metrics is not None:
@@ -107,7 +140,19 @@ class CacheBus:
         except ValueError:
             log.warning("ignored a malformed model-change message on %s", self.channel)
 
+    def _apply_breaker(self, data: bytes | str) -> None:
+        if self._on_breaker is None:
+            return
+        text = data.decode() if isinstance(data, bytes) else data
+        try:
+            model, seconds, cooldown = text.split(" ")
+            self._on_breaker(uuid.UUID(model), float(seconds), float(cooldown))
+        except ValueError:
+            log.warning("ignored a malformed breaker message on %s", self.breaker_channel)
+
     async def aclose(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -286,6 +287,14 @@ def models_update(
     description: Annotated[str | None, typer.Option(help="New free text (at most 500 characters).")] = None,
     context_length: Annotated[int | None, typer.Option(help="New context window in tokens.")] = None,
     sharing: Annotated[str | None, typer.Option(help="private, public or unlisted.")] = None,
+    fallbacks: Annotated[
+        str | None,
+        typer.Option(help='Models tried in order when this one fails: "ID2,ID3" ("" removes them).'),
+    ] = None,
+    members: Annotated[
+        str | None,
+        typer.Option(help='A balancing group: "ID:WEIGHT,ID2:WEIGHT" (weight 1 when left out; "" removes it).'),
+    ] = None,
 ) -> None:
     """Change the given fields of a model."""
     fields = {
@@ -296,12 +305,35 @@ def models_update(
         "description": description,
         "context_length": context_length,
         "sharing": sharing,
+        "fallbacks": None if fallbacks is None else _model_list(fallbacks, "--fallbacks"),
+        "members": None if members is None else _member_list(members),
     }
     given = {k: v for k, v in fields.items() if v is not None}
     if not given:
         raise _fail("nothing to change: give at least one option (see --help)", 2)
     data = _parse(ModelUpdate, given)
     _show(_run(_local(lambda local: local.registry.update(parse_id(model_id), data), writes=True)))
+
+
+def _model_list(text: str, option: str) -> list[str]:
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    for model_id in ids:
+        try:
+            uuid.UUID(model_id)
+        except ValueError:
+            raise _fail(f"{option}: {model_id!r} is not a model id (see `chatgate models list`)", 2) from None
+    return ids
+
+
+def _member_list(text: str) -> list[dict[str, Any]]:
+    members = []
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        model_id, _, weight = part.partition(":")
+        (checked,) = _model_list(model_id, "--members")
+        if weight and not (weight.isdigit() and 1 <= int(weight) <= 1000):
+            raise _fail(f"--members: the weight of {checked} must be a whole number from 1 to 1000", 2)
+        members.append({"id": checked, "weight": int(weight) if weight else 1})
+    return members
 
 
 @models_app.command("remove")

@@ -45,6 +45,24 @@ class Settings(BaseSettings):
     # Largest non-streamed upstream answer read, in bytes: beyond it the request is answered 502.
     max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
+    # Failover (docs/failover.md). A transient failure before the answer's first byte (refused,
+    # reset, no head in time, 429, 502, 503, 504) is retried on the same model `retry_attempts`
+    # more times, after a jittered backoff (`retry_backoff` seconds doubling per retry, or the
+    # server's Retry-After when it is at most `retry_after_cap`); then the model's fallbacks are
+    # tried. No attempt starts after `failover_deadline` seconds. A stream that sends no text
+    # within `first_token_timeout` seconds of its head has failed too.
+    retry_attempts: int = Field(1, ge=0, le=10)
+    retry_backoff: float = Field(0.1, ge=0)
+    retry_after_cap: float = Field(5.0, ge=0)
+    failover_deadline: float = Field(30.0, gt=0)
+    first_token_timeout: float = Field(60.0, gt=0)
+    # Circuit breaking: after `breaker_threshold` failures in a row a model is skipped for
+    # `breaker_cooldown` seconds (doubling after each failed probe, up to `breaker_cooldown_max`);
+    # then one request probes it. 0 turns the breaker off.
+    breaker_threshold: int = Field(5, ge=0)
+    breaker_cooldown: float = Field(5.0, gt=0)
+    breaker_cooldown_max: float = Field(300.0, gt=0)
+
     # Size of the in-process model cache (entries) and its safety-net TTL (seconds).
     model_cache_size: int = Field(1024, ge=1)
     model_cache_ttl: float = Field(5.0, gt=0)

@@ -180,8 +180,11 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "Model-cache invalidations received from other instances (Redis pub/sub).",
         (),
     ),
+    "chatgate_retries": ("Retries of a failed upstream request on the same model, by model.", ("model",)),
+    "chatgate_fallbacks": ("Chats that failed over from this model to another one, by model.", ("model",)),
+    "chatgate_breaker_openings": ("Times a model's circuit breaker opened (it is then skipped).", ("model",)),
 }
-_REQUESTS, _FAILURES, _GONE, _DATABASE, _REDIS_ERRORS, _FAIL_OPEN, _INVALIDATIONS = _COUNTERS
+_REQUESTS, _FAILURES, _GONE, _DATABASE, _REDIS_ERRORS, _FAIL_OPEN, _INVALIDATIONS, *_ = _COUNTERS
 
 Counts = dict[tuple[str, tuple[str, ...]], int]
 Histograms = dict[tuple[str, tuple[str, ...]], _Histogram]
@@ -284,6 +287,11 @@ class Metrics:
     def _count(self, name: str, labels: tuple[str, ...]) -> None:
         key = (name, labels)
         self.counts[key] = self.counts.get(key, 0) + 1
+
+    def count_model(self, counter: str, model: str) -> None:
+        """Count a failover event (`chatgate_retries`, `_fallbacks`, `_breaker_openings`) for a
+        model, by its bounded label."""
+        self._count(counter, (self.model_label(model),))
 
     def _observe(self, name: str, labels: tuple[str, ...], value: float) -> None:
         key = (name, labels)

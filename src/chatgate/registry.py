@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Protocol
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from chatgate.cache import LRUCache
 from chatgate.errors import BadRequest, NotFound, ValidationFailed
 from chatgate.security.crypto import mask
+from chatgate.store.schema import model_routes as routes_table
 from chatgate.store.schema import models as models_table
 from chatgate.store.values import as_utc, as_uuid
 
@@ -42,6 +43,21 @@ _ApiKey = Annotated[str, StringConstraints(max_length=1000, pattern=r"^[^\x00-\x
 
 
 NAME_MAX = 100
+MAX_FALLBACKS = 10
+MAX_MEMBERS = 20
+
+
+class Member(BaseModel):
+    """One model of a balancing group and its share of the traffic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: uuid.UUID
+    weight: int = Field(1, ge=1, le=1000)
+
+
+Fallbacks = Annotated[list[uuid.UUID], Field(max_length=MAX_FALLBACKS)]
+Members = Annotated[list[Member], Field(max_length=MAX_MEMBERS)]
 
 
 class ModelCreate(BaseModel):
@@ -57,6 +73,9 @@ class ModelCreate(BaseModel):
     context_length: int = Field(4096, ge=1, le=10_000_000)
     sharing: Sharing = "private"
     folder_id: uuid.UUID | None = None
+    # Models tried, in order, when this one fails; models sharing its traffic (see failover.py).
+    fallbacks: Fallbacks = []
+    members: Members = []
 
 
 class ModelUpdate(BaseModel):
@@ -72,6 +91,8 @@ class ModelUpdate(BaseModel):
     context_length: int | None = Field(None, ge=1, le=10_000_000)
     sharing: Sharing | None = None
     folder_id: uuid.UUID | None = None
+    fallbacks: Fallbacks | None = None  # [] removes them
+    members: Members | None = None
 
 
 def parse_input(schema: type[BaseModel], data: object) -> Any:
@@ -98,10 +119,14 @@ class ModelRecord:
     folder_id: uuid.UUID | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    fallbacks: tuple[uuid.UUID, ...] = ()
+    members: tuple[tuple[uuid.UUID, int], ...] = ()  # (model, weight)
 
-    def public(self) -> dict[str, Any]:
-        """The form every response and table shows: the key masked."""
-        return {
+    def public(self, *, routes: bool = True) -> dict[str, Any]:
+        """The form every response and table shows: the key masked. `routes=False` leaves out the
+        fallbacks and members, for a caller who may use the model but not manage it: an
+        unlisted model's id is what lets one use it."""
+        shown: dict[str, Any] = {
             "id": str(self.id),
             "user_id": str(self.user_id),
             "folder_id": str(self.folder_id) if self.folder_id else None,
@@ -115,6 +140,10 @@ class ModelRecord:
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
         }
+        if routes:
+            shown["fallbacks"] = [str(model_id) for model_id in self.fallbacks]
+            shown["members"] = [{"id": str(model_id), "weight": weight} for model_id, weight in self.members]
+        return shown
 
 
 def parse_id(value: object) -> uuid.UUID:
@@ -141,7 +170,7 @@ class Registry:
         check_connect: Callable[[str], None],
         cache: LRUCache[uuid.UUID, ModelRecord],
         names: LRUCache[str, tuple[ModelRecord, ...]] | None = None,
-        on_change: Callable[[uuid.UUID], Awaitable[None]] | None = None,
+        on_change: Callable[[uuid.UUID | None], Awaitable[None]] | None = None,
     ) -> None:
         self._engine = engine
         self._cipher = cipher
@@ -157,8 +186,10 @@ class Registry:
     async def create(self, owner: uuid.UUID, data: ModelCreate) -> ModelRecord:
         await self._check_url(data.base_url)
         now = datetime.now(UTC)
+        model_id = uuid.uuid4()
+        fallbacks, members = await self._routes_for(model_id, owner, data.fallbacks, data.members)
         record = ModelRecord(
-            id=uuid.uuid4(),
+            id=model_id,
             user_id=owner,
             name=data.name,
             base_url=data.base_url,
@@ -170,6 +201,8 @@ class Registry:
             folder_id=data.folder_id,
             created_at=now,
             updated_at=now,
+            fallbacks=fallbacks or (),
+            members=members or (),
         )
         values = {
             "id": record.id,
@@ -188,6 +221,7 @@ class Registry:
         try:
             async with self._engine.begin() as conn:
                 await conn.execute(models_table.insert().values(**values))
+                await _write_routes(conn, record.id, fallbacks, members)
         except sa.exc.IntegrityError:
             # chatbot-ui's table references auth.users: its owners are Supabase users.
             raise BadRequest(
@@ -201,9 +235,10 @@ class Registry:
     async def get(self, model_id: uuid.UUID) -> ModelRecord:
         async with self._engine.connect() as conn:
             row = (await conn.execute(models_table.select().where(models_table.c.id == model_id))).first()
-        if row is None:
-            raise NotFound("Model not found")
-        return self._record(row._mapping)
+            if row is None:
+                raise NotFound("Model not found")
+            routes = await _read_routes(conn, routes_table.c.model_id == model_id)
+        return self._record(row._mapping, routes.get(model_id))
 
     async def list(self, *, visible_to: uuid.UUID | None = None) -> list[ModelRecord]:
         """All models, or only those listed for a user: their own and the public ones
@@ -213,7 +248,8 @@ class Registry:
             query = query.where(sa.or_(models_table.c.user_id == visible_to, models_table.c.sharing == "public"))
         async with self._engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [self._record(row._mapping) for row in rows]
+            routes = await _read_routes(conn, sa.true())
+        return [self._record(row._mapping, routes.get(as_uuid(row.id))) for row in rows]
 
     async def update(self, model_id: uuid.UUID, data: ModelUpdate) -> ModelRecord:
         changes = data.model_dump(exclude_unset=True)
@@ -223,7 +259,10 @@ class Registry:
         for key in [k for k, v in changes.items() if v is None and k not in nullable]:
             del changes[key]
         current = await self.get(model_id)
-        if not changes:
+        fallbacks, members = await self._routes_for(
+            model_id, current.user_id, changes.pop("fallbacks", None), changes.pop("members", None)
+        )
+        if not changes and fallbacks is None and members is None:
             return current
         now = datetime.now(UTC)
         values = dict(changes, updated_at=now)
@@ -231,17 +270,60 @@ class Registry:
             values["api_key"] = self._cipher.encrypt(values["api_key"])
         async with self._engine.begin() as conn:
             result = await conn.execute(models_table.update().where(models_table.c.id == model_id).values(**values))
-        if result.rowcount == 0:
-            raise NotFound("Model not found")
+            if result.rowcount == 0:
+                raise NotFound("Model not found")
+            await _write_routes(conn, model_id, fallbacks, members)
         await self._changed(model_id)
+        if fallbacks is not None:
+            changes["fallbacks"] = fallbacks
+        if members is not None:
+            changes["members"] = members
         return replace(current, **changes, updated_at=now)
+
+    async def _routes_for(
+        self,
+        model_id: uuid.UUID,
+        owner: uuid.UUID,
+        fallbacks: Sequence[uuid.UUID] | None,
+        members: Sequence[Member | dict[str, Any]] | None,
+    ) -> tuple[tuple[uuid.UUID, ...] | None, tuple[tuple[uuid.UUID, int], ...] | None]:
+        """Check the fallbacks and members a write names: each a model the owner may use (their
+        own, or one shared), none twice, and no model its own fallback. A model that does not
+        exist and a private model of someone else are refused alike, so that the answer tells
+        nothing about other users' models. None: not given, left as they are."""
+        named_fallbacks = None if fallbacks is None else tuple(fallbacks)
+        named_members = None
+        if members is not None:
+            parsed = [m if isinstance(m, Member) else Member.model_validate(m) for m in members]
+            named_members = tuple((m.id, m.weight) for m in parsed)
+        for field_name, ids in (
+            ("fallbacks", named_fallbacks or ()),
+            ("members", tuple(m for m, _ in named_members or ())),
+        ):
+            if len(set(ids)) != len(ids):
+                raise BadRequest(f"{field_name} names a model twice", param=field_name)
+            for target in ids:
+                if target == model_id:
+                    if field_name == "fallbacks":
+                        raise BadRequest("A model cannot be its own fallback", param=field_name)
+                    continue  # a group may include the model itself
+                try:
+                    record = await self.get(target)
+                except NotFound:
+                    record = None
+                if record is None or not (record.user_id == owner or record.sharing != "private"):
+                    raise BadRequest(
+                        f"{field_name}: no model {target} that the model's owner may use", param=field_name
+                    )
+        return named_fallbacks, named_members
 
     async def delete(self, model_id: uuid.UUID) -> None:
         async with self._engine.begin() as conn:
             result = await conn.execute(models_table.delete().where(models_table.c.id == model_id))
         if result.rowcount == 0:
             raise NotFound("Model not found")
-        await self._changed(model_id)
+        # The routes to it went with it: every model that named it has changed too.
+        await self._changed(None)
 
     async def for_chat(self, model_id: uuid.UUID) -> ModelRecord:
         """The model to relay a chat to, from the cache when it is there."""
@@ -308,12 +390,13 @@ class Registry:
             self._cache.discard(model_id)
             self._no_stream_options.discard(model_id)
 
-    async def _changed(self, model_id: uuid.UUID) -> None:
+    async def _changed(self, model_id: uuid.UUID | None) -> None:
         self.invalidate(model_id)
         if self._on_change is not None:
             await self._on_change(model_id)
 
-    def _record(self, row: Any) -> ModelRecord:
+    def _record(self, row: Any, routes: _Routes | None = None) -> ModelRecord:
+        fallbacks, members = routes or ((), ())
         return ModelRecord(
             id=as_uuid(row["id"]),
             user_id=as_uuid(row["user_id"]),
@@ -327,7 +410,51 @@ class Registry:
             folder_id=as_uuid(row["folder_id"]) if row["folder_id"] is not None else None,
             created_at=as_utc(row["created_at"]),
             updated_at=as_utc(row["updated_at"]) if row["updated_at"] is not None else None,
+            fallbacks=fallbacks,
+            members=members,
         )
+
+
+_Routes = tuple[tuple[uuid.UUID, ...], tuple[tuple[uuid.UUID, int], ...]]
+
+
+async def _read_routes(conn: Any, where: Any) -> dict[uuid.UUID, _Routes]:
+    """The fallbacks and members of the models `where` selects, in order, by model."""
+    t = routes_table
+    query = sa.select(t.c.model_id, t.c.kind, t.c.target_id, t.c.weight).where(where)
+    rows = (await conn.execute(query.order_by(t.c.model_id, t.c.kind, t.c.position))).all()
+    found: dict[uuid.UUID, tuple[list[uuid.UUID], list[tuple[uuid.UUID, int]]]] = {}
+    for row in rows:
+        fallbacks, members = found.setdefault(as_uuid(row.model_id), ([], []))
+        if row.kind == "fallback":
+            fallbacks.append(as_uuid(row.target_id))
+        else:
+            members.append((as_uuid(row.target_id), row.weight))
+    return {model_id: (tuple(f), tuple(m)) for model_id, (f, m) in found.items()}
+
+
+async def _write_routes(
+    conn: Any,
+    model_id: uuid.UUID,
+    fallbacks: tuple[uuid.UUID, ...] | None,
+    members: tuple[tuple[uuid.UUID, int], ...] | None,
+) -> None:
+    """Replace the model's fallbacks and/or members (None: leave that kind as it is)."""
+    t = routes_table
+    weighted = (
+        ("fallback", None if fallbacks is None else [(target, 1) for target in fallbacks]),
+        ("member", None if members is None else list(members)),
+    )
+    for kind, targets in weighted:
+        if targets is None:
+            continue
+        await conn.execute(t.delete().where(t.c.model_id == model_id, t.c.kind == kind))
+        rows = [
+            {"model_id": model_id, "kind": kind, "position": position, "target_id": target, "weight": weight}
+            for position, (target, weight) in enumerate(targets)
+        ]
+        if rows:
+            await conn.execute(t.insert(), rows)
 
 
 async def rotate_keys(engine: AsyncEngine, keys: Any) -> int:

@@ -16,11 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.accounts import Accounts
 from chatgate.api.asgi import Scope
+from chatgate.breaker import Breaker
 from chatgate.cache import LRUCache
 from chatgate.cachebus import CacheBus
 from chatgate.config import Settings
 from chatgate.drain import RunningChats
 from chatgate.errors import AmbiguousModel, ModelNotFound, NotFound
+from chatgate.failover import Failover
 from chatgate.metrics import Metrics
 from chatgate.registry import ModelRecord, Registry
 from chatgate.security.auth import Authenticator
@@ -60,7 +62,7 @@ def build_registry(
     settings: Settings,
     engine: AsyncEngine,
     keys: Keys,
-    on_change: Callable[[uuid.UUID], Awaitable[None]] | None = None,
+    on_change: Callable[[uuid.UUID | None], Awaitable[None]] | None = None,
 ) -> Registry:
     policy = upstream_policy(settings)
 
@@ -132,6 +134,7 @@ class Runtime:
     sessions: Sessions
     metrics: Metrics
     usage: UsageRecorder
+    failover: Failover
     redis: Redis | None = None
     bus: CacheBus | None = None
     chats: RunningChats = field(default_factory=RunningChats)  # for the drain at shutdown
@@ -171,7 +174,13 @@ class Runtime:
                 metrics=metrics,
                 prefix=settings.redis_prefix,
             )
-            bus.start(registry.invalidate)
+            breaker = Breaker(
+                settings.breaker_threshold,
+                settings.breaker_cooldown,
+                settings.breaker_cooldown_max,
+                publish=bus.publish_breaker,
+            )
+            bus.start(registry.invalidate, breaker.apply)
             try:
                 async with asyncio.timeout(2 * settings.redis_timeout + 1):
                     await bus.wait_subscribed()
@@ -179,6 +188,7 @@ class Runtime:
                 log.warning("Redis did not answer at start-up: serving without it until it does")
         else:
             registry = build_registry(settings, engine, keys)
+            breaker = Breaker(settings.breaker_threshold, settings.breaker_cooldown, settings.breaker_cooldown_max)
             limiter = MemoryLimiter(settings.rate_limit_per_minute, settings.max_concurrent_streams)
         upstream = UpstreamClient(settings, resolver=GuardedResolver(upstream_policy(settings)))
         await upstream.start()
@@ -196,6 +206,7 @@ class Runtime:
             sessions=sessions,
             metrics=metrics,
             usage=usage,
+            failover=Failover(settings, registry, breaker, metrics=metrics if settings.metrics else None),
             redis=redis,
             bus=bus,
             tracing=Tracing.from_environment(),

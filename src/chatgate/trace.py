@@ -58,6 +58,9 @@ class ChatTrace:
     upstream_ttfb: float | None = None
     # Seconds from t0 to the last upstream read before the first client byte (streams only).
     upstream_read_at: float | None = None
+    # Upstream requests made (retries and fallbacks included), and the model that answered.
+    attempts: int = 0
+    answered_id: uuid.UUID | None = None
     # Tracing (off unless configured): the chat's span, and the header lines that carry it upstream.
     span: Any = None
     upstream_headers: bytes = b""

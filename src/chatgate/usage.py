@@ -52,6 +52,8 @@ COLUMNS = (
     "bytes_out",
     "client_gone",
     "error",
+    "attempts",
+    "answered_model_id",
 )
 
 
@@ -77,6 +79,8 @@ def row_encoder(dialect: str) -> Callable[[ChatTrace], tuple[Any, ...]]:
             trace.bytes_out,
             trace.client_gone,
             trace.error[:_ERROR_MAX] if trace.error else None,
+            trace.attempts or None,
+            uuid_value(trace.answered_id),
         )
 
     return encode
@@ -199,6 +203,8 @@ class UsageRecord:
     bytes_out: int
     client_gone: bool
     error: str | None
+    attempts: int | None = None
+    answered_model_id: uuid.UUID | None = None
 
     @property
     def failed(self) -> bool:
@@ -221,6 +227,8 @@ class UsageRecord:
             "bytes_out": self.bytes_out,
             "client_gone": self.client_gone,
             "error": self.error,
+            "attempts": self.attempts,
+            "answered_model_id": str(self.answered_model_id) if self.answered_model_id else None,
         }
 
 
@@ -272,6 +280,8 @@ async def query_usage(
             bytes_out=row.bytes_out,
             client_gone=bool(row.client_gone),
             error=row.error,
+            attempts=row.attempts,
+            answered_model_id=None if row.answered_model_id is None else as_uuid(row.answered_model_id),
         )
         for row in rows
     ]
@@ -371,7 +381,7 @@ async def _postgres_groups(
 
 
 # The SQLite report's group keys, character for character the expressions of the covering index
-# `idx_chatgate_usage_report` (migration 0005): SQLite uses an expression index only for the same
+# `idx_chatgate_usage_report` (migration 0007): SQLite uses an expression index only for the same
 # text. The day is the UTC date of the stored UTC text "YYYY-MM-DD HH:MM:SS.ffffff"; the time to first
 # byte is rounded to the millisecond the report shows (10 ms from 1 s, 100 ms from 10 s), so a group
 # has at most a few thousand buckets whatever its size.

@@ -7,6 +7,7 @@ Import what tests need from here::
 
 from tests.support import scripts
 from tests.support.procs import (
+    Blackhole,
     ChatgateServer,
     ConnectionRecord,
     FakeUpstream,
@@ -14,12 +15,14 @@ from tests.support.procs import (
     ServerProcess,
     StartupError,
     free_port,
+    refused_base_url,
     unique_name,
     wait_for_port,
     wait_until,
 )
 
 __all__ = [
+    "Blackhole",
     "ChatgateServer",
     "ConnectionRecord",
     "FakeUpstream",
@@ -27,6 +30,7 @@ __all__ = [
     "ServerProcess",
     "StartupError",
     "free_port",
+    "refused_base_url",
     "scripts",
     "unique_name",
     "wait_for_port",

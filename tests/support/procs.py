@@ -39,6 +39,44 @@ def free_port(host: str = LOOPBACK) -> int:
         return port
 
 
+def refused_base_url() -> str:
+    """A model server that refuses every connection: a loopback port nothing listens on."""
+    return f"http://{LOOPBACK}:{free_port()}/v1"
+
+
+class Blackhole:
+    """A dead host on loopback: a listening socket whose accept queue is full and never drained,
+    so the kernel drops every further SYN and a connect waits for its timeout, as with an
+    address that does not answer at all. A real socket, not a mock."""
+
+    def __init__(self) -> None:
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind((LOOPBACK, 0))
+        self._listener.listen(0)
+        self.port: int = self._listener.getsockname()[1]
+        self._fillers: list[socket.socket] = []
+        for _ in range(3):  # a backlog of 0 still queues one or two: fill it
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect((LOOPBACK, self.port))
+            self._fillers.append(filler)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/v1"
+
+    def close(self) -> None:
+        for sock in [*self._fillers, self._listener]:
+            sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def port_accepts(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):

@@ -125,3 +125,30 @@ def error(status: int, message: str, *, code: str | None = None) -> Script:
 def body(status: int, content: str | dict[str, Any], headers: dict[str, str] | None = None) -> Script:
     """A non-streamed answer with this body (text as-is, anything else as JSON)."""
     return {"status": status, "headers": headers or {}, "steps": [{"body": content}]}
+
+
+# The ways a model server fails before its answer's first text, by name (failover tests). A
+# refused connection is not a script: it is a port nothing listens on (`procs.refused_base_url`);
+# a dead host that never answers a SYN is `procs.Blackhole`.
+def failure(mode: str, *, retry_after: str = "0") -> Script:
+    """A script that fails in this way: hang_before_head, stall_before_first_token, status_429
+    (with `Retry-After: retry_after`), status_503, status_500, reset_before_head, cut_before_text."""
+    scripts: dict[str, Script] = {
+        "hang_before_head": {"steps": [{"hang_before_headers": True}]},
+        "stall_before_first_token": {"steps": [{"role": "assistant"}, {"send": ": ping\n\n"}, {"hang": True}]},
+        "status_429": {
+            "status": 429,
+            "headers": {"retry-after": retry_after},
+            "steps": [{"body": shapes.error("Rate limit reached", code="rate_limit_exceeded")}],
+        },
+        "status_503": error(503, "The server is overloaded"),
+        "status_500": error(500, "Internal error"),
+        "reset_before_head": {"steps": [{"cut": True}]},
+        "cut_before_text": {"steps": [{"role": "assistant"}, {"cut": True}]},
+    }
+    return scripts[mode]
+
+
+def cut_after(*deltas: str) -> Script:
+    """A stream that sends these deltas, then is reset mid-answer (no finish, no [DONE])."""
+    return {"steps": [{"role": "assistant"}, *({"delta": text} for text in deltas), {"cut": True}]}

@@ -3,22 +3,25 @@
 The answer is plain text: the `choices[0].delta.content` strings in order, each upstream read
 flushed as one write, with the leading whitespace of the whole answer trimmed (as ai@2's
 `StreamingTextResponse(OpenAIStream(...))` did). Errors before the first byte are JSON
-`{"message"}` with the upstream's status; errors after it abort the response.
+`{"message"}` with the upstream's status; errors after it abort the response. Nothing is sent
+before the first text, so until then a failing model can still fail over (failover.py).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from functools import partial
 from typing import Any
 
 import orjson
 
 from chatgate.api.asgi import Receive, Scope, Send
 from chatgate.api.openapi import error_response
-from chatgate.api.relay import admit_chat, incomplete, require_event_stream, run_chat, with_usage
+from chatgate.api.relay import Relay, admit_chat, incomplete, require_event_stream, run_chat
 from chatgate.errors import BadRequest, ChatgateError, UpstreamProtocolError, UpstreamStatus
-from chatgate.registry import parse_id
+from chatgate.failover import shown_model
+from chatgate.registry import ModelRecord, parse_id
 from chatgate.runtime import Runtime
 from chatgate.trace import ChatTrace
 from chatgate.upstream.http11 import Response
@@ -68,10 +71,14 @@ class CustomChat:
         # model first, as openai-node built it; dicts keep insertion order.
         payload = {"model": payload.pop("model"), **payload}
 
-        headers = (_TEXT_TYPE, (b"x-request-id", trace.request_id.encode()))
+        request_id = (b"x-request-id", trace.request_id.encode())
         max_event_bytes = runtime.settings.max_event_bytes
 
-        async def relay(response: Response) -> None:
+        def relay_for(model: ModelRecord) -> Relay:
+            shown = shown_model(principal, record, model).encode()
+            return partial(relay, (_TEXT_TYPE, request_id, (b"x-chatgate-model", shown)))
+
+        async def relay(headers: tuple[tuple[bytes, bytes], ...], response: Response) -> None:
             require_event_stream(response)
             decoder = SSEDecoder(max_event_bytes)
             at_start = True
@@ -121,11 +128,8 @@ class CustomChat:
                 await send({"type": "http.response.body", "body": b""})
             trace.status = 200
 
-        if runtime.registry.accepts_stream_options(record.id):
-            # Ask for the token counts (usage accounting); the usage chunk has no text to relay.
-            await run_chat(runtime, scope, receive, trace, record, with_usage(payload), relay, fallback=payload)
-        else:
-            await run_chat(runtime, scope, receive, trace, record, payload, relay)
+        # Ask for the token counts (usage accounting); the usage chunk has no text to relay.
+        await run_chat(runtime, scope, receive, trace, record, payload, relay_for, ask_usage=True)
 
 
 def _read_texts(chunk: bytes, decoder: SSEDecoder, trace: ChatTrace) -> tuple[list[str], bool]:
@@ -261,6 +265,12 @@ def _upstream_payload(body: object) -> tuple[uuid.UUID, dict[str, Any]]:
     return parse_id(model_ref), payload
 
 
+# The model that answered (failover.py): a fallback or a group member may answer instead.
+_MODEL_HEADER = {
+    "description": "The chatgate id of the model that answered, or its place (fallback-N, member-N) "
+    "when the caller may not know that model's id",
+    "schema": {"type": "string"},
+}
 _MESSAGE = {"type": "object", "properties": {"role": {"type": "string"}, "content": {}}, "required": ["role"]}
 
 # Hand-written: this route is pure ASGI, outside FastAPI (see api/openapi.py).
@@ -292,6 +302,7 @@ OPENAPI: dict[str, Any] = {
             "200": {
                 "description": "The answer's text, streamed as it arrives",
                 "content": {"text/plain": {"schema": {"type": "string"}}},
+                "headers": {"X-Chatgate-Model": _MODEL_HEADER},
             },
             "400": error_response("Malformed body, or a missing or mistyped field"),
             "401": error_response("No or bad credential"),

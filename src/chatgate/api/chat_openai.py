@@ -11,14 +11,17 @@ says it may carry what chatgate needs: the token counts (`"usage":{`), an in-ban
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import orjson
 
 from chatgate.api.asgi import Receive, Scope, Send
 from chatgate.api.openai_shapes import render_error as render_error  # app.py renders chat errors with it
-from chatgate.api.relay import admit_chat, incomplete, require_event_stream, run_chat, with_usage
+from chatgate.api.relay import admit_chat, incomplete, require_event_stream, run_chat
 from chatgate.errors import BadRequest, ChatgateError
+from chatgate.failover import shown_model
+from chatgate.registry import ModelRecord
 from chatgate.runtime import Runtime
 from chatgate.security.crypto import mask
 from chatgate.trace import ChatTrace
@@ -98,9 +101,12 @@ class OpenAIChat:
             raise BadRequest("stream must be a boolean", param="stream")
         record = await runtime.model_by_ref(principal, ref)
         payload = {**body, "model": record.model_id}
-        headers = [(b"x-request-id", trace.request_id.encode())]
+        request_id = (b"x-request-id", trace.request_id.encode())
+
+        def headers(model: ModelRecord) -> list[tuple[bytes, bytes]]:
+            return [request_id, (b"x-chatgate-model", shown_model(principal, record, model).encode())]
+
         if not stream:
-            relay_json = _JSONRelay(send, trace, headers)
             await run_chat(
                 runtime,
                 scope,
@@ -108,36 +114,85 @@ class OpenAIChat:
                 trace,
                 record,
                 payload,
-                relay_json,
+                lambda model: _JSONRelay(send, trace, headers(model)),
                 accept="application/json",
                 first_byte_timeout=runtime.settings.completion_timeout,
             )
             return
         options = body.get("stream_options")
         asked = isinstance(options, dict) and options.get("include_usage") is True
-        relay = _StreamRelay(
-            send,
-            trace,
-            headers,
-            strip_usage=not asked,
-            api_key=record.api_key,
-            max_event_bytes=runtime.settings.max_event_bytes,
-        )
-        if asked or not runtime.registry.accepts_stream_options(record.id):
-            await run_chat(runtime, scope, receive, trace, record, payload, relay, on_failure=relay.fail)
-        else:
-            # Ask for the token counts; the usage chunk is kept from a client that did not ask.
-            await run_chat(
-                runtime,
-                scope,
-                receive,
+        max_event_bytes = runtime.settings.max_event_bytes
+
+        def relay_for(model: ModelRecord) -> _StreamRelay:
+            return _StreamRelay(
+                send,
                 trace,
-                record,
-                with_usage(payload),
-                relay,
-                on_failure=relay.fail,
-                fallback=payload,
+                headers(model),
+                strip_usage=not asked,
+                api_key=model.api_key,
+                max_event_bytes=max_event_bytes,
             )
+
+        # Unless the client asked, ask for the token counts; the usage chunk is kept from it.
+        await run_chat(
+            runtime,
+            scope,
+            receive,
+            trace,
+            record,
+            payload,
+            relay_for,
+            on_failure=partial(send_error_event, send, trace),
+            ask_usage=not asked,
+        )
+
+
+def _commits(data: bytes) -> bool:
+    """Whether these whole events begin the answer: any event but a comment or a chunk whose
+    deltas carry only a role and empty content (what servers send first, before the model's
+    first token). Called only until the response starts, and it stops at the first event that
+    begins the answer: an event without `"role"` is decided by a byte search, a role chunk by
+    one parse (see docs/failover.md for what this costs)."""
+    if b"data:" not in data:
+        return False
+    if b"\r" in data:
+        return any(_event_commits(raw) for raw in split_events(data))
+    start, size = 0, len(data)
+    while start < size:
+        end = data.find(b"\n\n", start)
+        end = size if end < 0 else end + 2
+        if _event_commits(data[start:end]):
+            return True
+        start = end
+    return False
+
+
+def _event_commits(raw: bytes) -> bool:
+    if b'"role"' not in raw:
+        return b"data:" in raw
+    if raw.startswith(b"data:") and raw.count(b"\n") <= 2:  # one `data:` line: what servers send
+        return not _empty_start(raw[5:].strip())
+    return any(not _empty_start(event.data) for event in decode_event(raw))
+
+
+_EMPTY_DELTA_KEYS = frozenset({"role", "content", "refusal"})
+
+
+def _empty_start(data: bytes) -> bool:
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    if not choices or not isinstance(choices, list) or "error" in chunk or isinstance(chunk.get("usage"), dict):
+        return False
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict) or choice.get("finish_reason") is not None:
+            return False
+        if not _EMPTY_DELTA_KEYS.issuperset(delta) or delta.get("content") or delta.get("refusal"):
+            return False
+    return True
 
 
 def _has_done(data: bytes) -> bool:
@@ -208,8 +263,10 @@ class _StreamRelay:
         done = False
         # The last two reads sent: where a stream without [DONE] shows that it finished.
         previous = last = b""
-        # What came before the first `data:` (comments, or lines that are not SSE at all): sent
-        # with the first event, so that an answer without events is a 502, not an empty 200.
+        # What came before the first event with something in it (comments, lines that are not SSE
+        # at all, the role-only first chunk): sent with that event, so that an answer without
+        # events is a 502, not an empty 200, and so that until the answer's first content
+        # nothing has reached the client and a failing model can still fail over.
         early: list[bytes] = []
         early_size = 0
         while (chunk := await response.next_chunk()) is not None:
@@ -218,7 +275,7 @@ class _StreamRelay:
                 data, done = self._look_into(data)
             if data:
                 if not trace.started:
-                    if b"data:" not in data:
+                    if not _commits(data):
                         early.append(data)
                         early_size += len(data)
                         if early_size > self._max_event_bytes:
@@ -308,13 +365,20 @@ class _StreamRelay:
                 return False
         return True
 
-    async def fail(self, exc: ChatgateError) -> None:
-        """A failure after the stream began: an error event, then the end of the stream."""
-        event = b"data: " + orjson.dumps(render_error(exc)) + b"\n\n"
-        await self._send({"type": "http.response.body", "body": event})
-        self._trace.bytes_out += len(event)
+
+async def send_error_event(send: Send, trace: ChatTrace, exc: ChatgateError) -> None:
+    """A failure after the stream began: an error event, then the end of the stream."""
+    event = b"data: " + orjson.dumps(render_error(exc)) + b"\n\n"
+    await send({"type": "http.response.body", "body": event})
+    trace.bytes_out += len(event)
 
 
+# The model that answered (failover.py): a fallback or a group member may answer instead.
+_MODEL_HEADER = {
+    "description": "The chatgate id of the model that answered, or its place (fallback-N, member-N) "
+    "when the caller may not know that model's id",
+    "schema": {"type": "string"},
+}
 _MESSAGE = {"type": "object", "properties": {"role": {"type": "string"}, "content": {}}, "required": ["role"]}
 _ERROR = {
     "type": "object",
@@ -365,6 +429,7 @@ OPENAPI: dict[str, Any] = {
             "200": {
                 "description": "A chat.completion, or with stream=true chat.completion.chunk events then [DONE]",
                 "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},
+                "headers": {"X-Chatgate-Model": _MODEL_HEADER},
             },
             "400": _error("Malformed body, or an ambiguous model name"),
             "401": _error("No or bad credential"),

@@ -12,7 +12,7 @@ import orjson
 
 from chatgate.api.asgi import DisconnectWatch, Receive, Scope, abort_response, parse_json, read_body
 from chatgate.drain import shutting_down
-from chatgate.errors import ChatgateError, UpstreamIncomplete, UpstreamProtocolError, UpstreamStatus
+from chatgate.errors import ChatgateError, UpstreamIncomplete, UpstreamProtocolError, UpstreamStatus, UpstreamTimeout
 from chatgate.metrics import failure_kind
 from chatgate.registry import ModelRecord
 from chatgate.runtime import Runtime
@@ -62,42 +62,61 @@ async def run_chat(
     trace: ChatTrace,
     record: ModelRecord,
     payload: dict[str, Any],
-    relay: Relay,
+    relay_for: Callable[[ModelRecord], Relay],
     *,
     accept: str = "text/event-stream",
     on_failure: OnFailure | None = None,
-    fallback: dict[str, Any] | None = None,
+    ask_usage: bool = False,
     first_byte_timeout: float | None = None,
 ) -> None:
-    """Send `payload` to the model's server and hand the open response to `relay`.
+    """Send `payload` to the model's server (or, when it fails before the first byte, to its
+    fallbacks: failover.py) and hand the open response to the relay `relay_for` makes for the
+    model that answers.
 
     Raises `ChatgateError` while nothing has been sent; afterwards a failure is logged and handed
     to `on_failure`, or the response is left incomplete, which the server turns into an aborted
-    connection. `fallback` is the request to send instead, once, when the upstream refuses the
-    `stream_options` chatgate added to `payload`; the refusal is remembered for the model.
+    connection. `ask_usage` adds `stream_options.include_usage` for the models that take it; a
+    model that refuses it is asked again without, once, and remembered.
     `first_byte_timeout` replaces the setting for this request (a non-streamed answer's head
     comes only when the whole answer is ready).
     """
     trace.model_id = record.id
     trace.model = record.model_id
     trace.base_url = record.base_url
-    target = Target(chat_completions_url(record.base_url), record.api_key)
+    stream = accept == "text/event-stream"
+    first_token_timeout = runtime.settings.first_token_timeout if stream else None
+
+    async def attempt(model: ModelRecord, deadline: float | None) -> None:
+        body = payload if model is record else {**payload, "model": model.model_id}
+        trace.base_url = model.base_url
+        target = Target(chat_completions_url(model.base_url), model.api_key)
+        relay = relay_for(model)
+        timeouts = (first_byte_timeout, first_token_timeout, deadline)
+        try:
+            if not (ask_usage and runtime.registry.accepts_stream_options(model.id)):
+                await _exchange(runtime, trace, target, orjson.dumps(body), accept, timeouts, relay)
+                return
+            try:
+                await _exchange(runtime, trace, target, orjson.dumps(with_usage(body)), accept, timeouts, relay)
+            except UpstreamStatus as exc:
+                if trace.started or not refuses_stream_options(exc):
+                    raise
+                runtime.registry.refuses_stream_options(model.id)
+                log.info(
+                    "request %s: model %s refuses stream_options; retrying without (token counts unknown)",
+                    trace.request_id,
+                    model.id,
+                )
+                await _exchange(runtime, trace, target, orjson.dumps(body), accept, timeouts, relay)
+        except ChatgateError as exc:
+            scrub_key(exc, model.api_key)
+            raise
+
     watch = DisconnectWatch(scope, receive)
     try:
         runtime.chats.add(watch)  # so that a shutdown can wait for it, and end it
         async with runtime.limiter.stream(str(trace.user_id)):
-            try:
-                await _exchange(runtime, trace, target, orjson.dumps(payload), accept, first_byte_timeout, relay)
-            except UpstreamStatus as exc:
-                if fallback is None or trace.started or not refuses_stream_options(exc):
-                    raise
-                runtime.registry.refuses_stream_options(record.id)
-                log.info(
-                    "request %s: model %s refuses stream_options; retrying without (token counts unknown)",
-                    trace.request_id,
-                    record.id,
-                )
-                await _exchange(runtime, trace, target, orjson.dumps(fallback), accept, first_byte_timeout, relay)
+            await runtime.failover.run(record, attempt, trace)
     except asyncio.CancelledError:
         if not watch.absorb():
             raise
@@ -186,15 +205,20 @@ def scrub_key(exc: ChatgateError, api_key: str) -> None:
         exc.body = exc.body.replace(api_key.encode(), mask(api_key).encode())
 
 
-def _time_first_reads(response: Response, trace: ChatTrace) -> None:
+def _time_first_reads(response: Response, trace: ChatTrace, first_token_timeout: float | None) -> None:
     """Note when each upstream read arrives until the client has its first byte, so that the
-    added time does not count the model's wait between its head and its first token; then the
-    plain read is put back: no cost per chunk after the first client byte."""
+    added time does not count the model's wait between its head and its first token, and bound
+    that wait by `first_token_timeout` (a stream that stalls before its first text has failed, and
+    can still fail over); then the plain read is put back: no cost per chunk after the first
+    client byte."""
     read = response.next_chunk
+    if first_token_timeout is not None:
+        response.expect_text_by(asyncio.get_running_loop().time() + first_token_timeout)
 
     async def timed() -> bytes | None:
         if trace.started:
             response.next_chunk = read
+            response.text_arrived()
             return await read()
         chunk = await read()
         trace.upstream_read()
@@ -209,15 +233,26 @@ async def _exchange(
     target: Target,
     body: bytes,
     accept: str,
-    first_byte_timeout: float | None,
+    timeouts: tuple[float | None, float | None, float | None],
     relay: Relay,
 ) -> None:
+    """One upstream request. `timeouts`: the wait for the head (None: the setting), for the first
+    text after it (None: unbounded), and the failover deadline (loop time) for the head."""
+    first_byte_timeout, first_token_timeout, deadline = timeouts
     trace.upstream_sent()
-    response = await runtime.upstream.open(
+    opening = runtime.upstream.open(
         target, body, accept=accept, first_byte_timeout=first_byte_timeout, extra_headers=trace.upstream_headers
     )
+    if deadline is None:
+        response = await opening
+    else:
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await opening
+        except TimeoutError:
+            raise UpstreamTimeout("The model server did not answer before the failover deadline") from None
     trace.upstream_answered()
-    _time_first_reads(response, trace)
+    _time_first_reads(response, trace, first_token_timeout)
     try:
         await relay(response)
     except STREAM_FAILURES as exc:

@@ -64,6 +64,9 @@ usage = sa.Table(
     sa.Column("bytes_out", sa.BigInteger(), nullable=False),
     sa.Column("client_gone", sa.Boolean(), nullable=False),
     sa.Column("error", sa.Text(), nullable=True),
+    # Upstream requests the chat made (retries and fallbacks included), and the model that answered.
+    sa.Column("attempts", sa.Integer(), nullable=True),
+    sa.Column("answered_model_id", sa.Uuid(), nullable=True),
 )
 
 # Console sessions (security/sessions.py): the cookie's id only as a hash; a session ends with its token.
@@ -74,4 +77,16 @@ sessions = sa.Table(
     sa.Column("token_id", sa.Uuid(), sa.ForeignKey("chatgate_tokens.id", ondelete="CASCADE"), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# A model's fallbacks (tried in `position` order when it fails) and its balancing group
+# (`member`s sharing its traffic by `weight`): chatgate's own table, chatbot-ui's `models` unchanged.
+model_routes = sa.Table(
+    "chatgate_model_routes",
+    metadata,
+    sa.Column("model_id", sa.Uuid(), sa.ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("kind", sa.Text(), primary_key=True),
+    sa.Column("position", sa.Integer(), primary_key=True),
+    sa.Column("target_id", sa.Uuid(), sa.ForeignKey("models.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("weight", sa.Integer(), nullable=False, server_default="1"),
 )

@@ -30,6 +30,7 @@ from chatgate.upstream.http11 import (
     ConnectError,
     ConnectTimeout,
     FirstByteTimeout,
+    FirstTextTimeout,
     IdleTimeout,
     Pool,
     ProtocolError,
@@ -42,7 +43,7 @@ from chatgate.upstream.http11 import (
 _MAX_ERROR_BODY = 64 * 1024
 
 # What can go wrong while an open answer is read; `stream_error` says what each means.
-STREAM_FAILURES = (TransportError, IdleTimeout, AnswerTimeout, ProtocolError)
+STREAM_FAILURES = (TransportError, IdleTimeout, AnswerTimeout, FirstTextTimeout, ProtocolError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +231,10 @@ def stream_error(exc: BaseException, settings: Settings) -> UpstreamError:
     """Map a failure while reading an open stream to the error chatgate reports."""
     if isinstance(exc, IdleTimeout):
         return UpstreamTimeout(f"The model server sent nothing for {settings.idle_timeout:g} s")
+    if isinstance(exc, FirstTextTimeout):
+        return UpstreamTimeout(
+            f"The model server sent no text within {settings.first_token_timeout:g} s of its answer's head"
+        )
     if isinstance(exc, AnswerTimeout):
         return UpstreamTimeout(f"The model server did not finish its answer within {settings.completion_timeout:g} s")
     if isinstance(exc, BodyTooLarge):

@@ -80,6 +80,10 @@ class IdleTimeout(Exception):
     """An open body went quiet for longer than the idle timeout."""
 
 
+class FirstTextTimeout(Exception):
+    """An open stream sent no text by the time its reader asked for (`Response.expect_text_by`)."""
+
+
 class ProtocolError(Exception):
     """The server sent something that is not HTTP/1.1."""
 
@@ -336,6 +340,22 @@ class _Connection(asyncio.Protocol):
         elif self.state is _BODY:
             self._fail(AnswerTimeout())
 
+    def expect_text_by(self, when: float) -> None:
+        """Fail the open stream with `FirstTextTimeout` at `when` (loop time) unless
+        `text_arrived` is called first. A bare timer handle, as for the head's deadline: an
+        `asyncio.timeout` around each read before the first text cost several times more."""
+        if self.state is _BODY and self._deadline is None:
+            self._deadline = self._loop.call_at(when, self._text_late)
+
+    def text_arrived(self) -> None:
+        if self.state is _BODY and self._answer_by is None and self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _text_late(self) -> None:
+        self._deadline = None
+        self._fail(FirstTextTimeout())
+
     def start_idle_timer(self) -> None:
         if self.state is not _BODY:
             return  # the whole answer came with its head: nothing to wait for
@@ -411,6 +431,14 @@ class Response:
         self._released = False
         self.status = conn.status
         self.headers = conn.headers
+
+    def expect_text_by(self, when: float) -> None:
+        """Fail this stream's reads with `FirstTextTimeout` at `when` (loop time), unless
+        `text_arrived()` comes first: a stream that stalls before its first text (failover.py)."""
+        self._conn.expect_text_by(when)
+
+    def text_arrived(self) -> None:
+        self._conn.text_arrived()
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:

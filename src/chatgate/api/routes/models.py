@@ -35,7 +35,8 @@ async def create_model(data: ModelCreate, runtime: RuntimeDep, principal: Princi
 async def list_models(runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     """The models the caller may use: their own and the shared ones."""
     visible = None if principal.is_admin else principal.user_id
-    return {"data": [r.public() for r in await runtime.registry.list(visible_to=visible)]}
+    records = await runtime.registry.list(visible_to=visible)
+    return {"data": [r.public(routes=principal.may_manage(r.user_id)) for r in records]}
 
 
 @router.get("/{model_id}")
@@ -43,14 +44,17 @@ async def get_model(model_id: str, runtime: RuntimeDep, principal: PrincipalDep)
     record = await runtime.registry.get(parse_id(model_id))
     if not principal.may_use(record.user_id, record.sharing):
         raise NotFound("Model not found")
-    return record.public()
+    # Fallbacks and members are the owner's: another user's id could be an unlisted model's.
+    return record.public(routes=principal.may_manage(record.user_id))
 
 
 @router.patch("/{model_id}")
 async def update_model(
     model_id: str, data: ModelUpdate, runtime: RuntimeDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    """Change the given fields; the others stay as they are."""
+    """Change the given fields; the others stay as they are. `fallbacks` (model ids, tried in
+    order when this model fails) and `members` (`{id, weight}`: a balancing group) replace the
+    current lists; `[]` removes them. Each must be a model the owner may use."""
     record = await _managed(runtime, principal, model_id)
     return (await runtime.registry.update(record.id, data)).public()
 

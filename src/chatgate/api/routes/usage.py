@@ -29,7 +29,15 @@ async def usage(
     """Recorded chats, newest first: every user's for an admin, the caller's own otherwise."""
     user_id = None if principal.is_admin else principal.user_id
     records = await query_usage(runtime.engine, model=model, user_id=user_id, since=since, until=until, limit=limit)
-    return {"data": [record.public() for record in records]}
+    rows = [record.public() for record in records]
+    if user_id is not None and any(r.answered_model_id not in (None, r.model_id) for r in records):
+        # A fallback may be another user's unlisted model, whose id lets one use it: shown only
+        # when the caller could list it anyway (their own models and the public ones).
+        listed = {str(m.id) for m in await runtime.registry.list(visible_to=user_id)}
+        for row in rows:
+            if row["answered_model_id"] not in (None, row["model_id"]) and row["answered_model_id"] not in listed:
+                row["answered_model_id"] = "hidden"
+    return {"data": rows}
 
 
 @router.get("/summary")

@@ -6,15 +6,15 @@ report with `percentile_disc` and needs nothing here.
 The two expressions must stay, character for character, the ones `chatgate.usage` queries with
 (SQLite matches an expression index by the expression's text): `USAGE_DAY` and `USAGE_TTFB_MS`.
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0007
+Revises: 0005
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0007"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
