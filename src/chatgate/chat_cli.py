@@ -22,7 +22,6 @@ from rich.markdown import Markdown
 
 from chatgate.chat_client import Answer, ChatClient, ChatFailed
 from chatgate.config import Settings
-from chatgate.runtime import ADMIN_TOKEN_FILE
 
 PROMPT = "you> "
 HELP = """\
@@ -79,7 +78,7 @@ def start(
     interactive chat; returns the exit status, raises `ChatFailed` with the words to print."""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104 - a bind-all address
     if token is None:
-        path = settings.data_dir / ADMIN_TOKEN_FILE
+        path = settings.admin_token_path
         try:
             token = path.read_text().strip()
         except OSError:

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -18,17 +18,16 @@ from rich.console import Console
 from rich.table import Table
 
 from chatgate import __version__
-from chatgate.accounts import Accounts, User
-from chatgate.checks import CheckResult, Verdict, check_model
 from chatgate.config import Settings, load_settings
 from chatgate.errors import BadRequest, ChatgateError
-from chatgate.local import Local, run_local
-from chatgate.registry import ModelCreate, ModelRecord, ModelUpdate, parse_id, parse_input, rotate_keys
-from chatgate.runtime import upstream_policy
-from chatgate.security.ssrf import GuardedResolver
-from chatgate.store import db
-from chatgate.upstream.client import UpstreamClient
-from chatgate.usage import summarize_usage
+
+# Each command imports what it uses: the database and HTTP stacks take about a second to import,
+# which `chatgate --version`, `--help` and `chatgate chat` (a client of a running server) never need.
+if TYPE_CHECKING:
+    from chatgate.accounts import Accounts, User
+    from chatgate.checks import CheckResult
+    from chatgate.local import Local
+    from chatgate.registry import ModelRecord
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -75,11 +74,15 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 async def _local(action: Callable[[Local], Awaitable[T]], *, writes: bool = False) -> T:
+    from chatgate.local import run_local
+
     return await run_local(_settings(), action, writes=writes)
 
 
 def _parse(schema: type[M], data: dict[str, Any]) -> M:
     try:
+        from chatgate.registry import parse_input
+
         parsed: M = parse_input(schema, data)
     except ChatgateError as exc:
         raise _fail(exc.message, 2) from None
@@ -176,6 +179,7 @@ def _int_or_none(text: str) -> int | None:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply pending migrations to CHATGATE_DATABASE_URL."""
+    from chatgate.store import db
 
     async def go() -> None:
         engine = db.create_engine(_settings().database_url)
@@ -206,6 +210,8 @@ def models_add(
     ] = None,
 ) -> None:
     """Register a model; prints its id."""
+    from chatgate.registry import ModelCreate
+
     data = _parse(
         ModelCreate,
         {
@@ -269,6 +275,8 @@ def _show(record: ModelRecord) -> None:
 @models_app.command("show")
 def models_show(model_id: Annotated[str, typer.Argument(help="The model's id.")]) -> None:
     """One model's fields, key masked."""
+    from chatgate.registry import parse_id
+
     _show(_run(_local(lambda local: local.registry.get(parse_id(model_id)))))
 
 
@@ -297,6 +305,8 @@ def models_update(
     ] = None,
 ) -> None:
     """Change the given fields of a model."""
+    from chatgate.registry import ModelUpdate, parse_id
+
     fields = {
         "name": name,
         "base_url": base_url,
@@ -339,6 +349,8 @@ def _member_list(text: str) -> list[dict[str, Any]]:
 @models_app.command("remove")
 def models_remove(model_id: Annotated[str, typer.Argument(help="The model's id.")]) -> None:
     """Delete a model."""
+    from chatgate.registry import parse_id
+
     _run(_local(lambda local: local.registry.delete(parse_id(model_id)), writes=True))
     out.print(f"Removed model {model_id}", highlight=False)
 
@@ -352,6 +364,11 @@ def models_check(
 
     Exit status: 0 the model answered and its server lists it; 3 it answered but is not in the
     list (or the list failed); 1 it did not answer."""
+    from chatgate.checks import Verdict, check_model
+    from chatgate.registry import parse_id
+    from chatgate.runtime import upstream_policy
+    from chatgate.security.ssrf import GuardedResolver
+    from chatgate.upstream.client import UpstreamClient
 
     async def go(local: Local) -> CheckResult:
         record = await local.registry.for_chat(parse_id(model_id))
@@ -456,6 +473,8 @@ def usage(
     days: Annotated[int, typer.Option(help="Without --since: the last this many days.", min=1)] = 7,
 ) -> None:
     """Chats per model and (UTC) day: requests, errors, tokens, median and p95 time to first byte."""
+    from chatgate.usage import summarize_usage
+
     start = _when(since, "--since") or datetime.now(UTC) - timedelta(days=days)
     end = _when(until, "--until")
     summaries = _run(_local(lambda local: summarize_usage(local.engine, model=model, since=start, until=end)))
@@ -524,6 +543,7 @@ def keys_rotate() -> None:
 
     With the key file, running servers pick the new key up by themselves. With
     CHATGATE_SECRET_KEY, first put the new key in front ("new,old") on every instance."""
+    from chatgate.registry import rotate_keys
 
     async def go(local: Local) -> tuple[str, int]:
         keys = local.keys

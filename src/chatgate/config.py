@@ -128,6 +128,11 @@ class Settings(BaseSettings):
             return usable_cores()
         return value
 
+    @property
+    def admin_token_path(self) -> Path:
+        """Where `serve` writes the first admin's token, and where `chatgate chat` looks for one."""
+        return self.data_dir / "admin-token"
+
 
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity, which a container or `taskset` narrows)."""

@@ -51,8 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chatgate")
 
-ADMIN_TOKEN_FILE = "admin-token"  # noqa: S105 - a file name, not a secret
-
 
 def upstream_policy(settings: Settings) -> UpstreamPolicy:
     return UpstreamPolicy.from_settings(settings.allow_private_upstreams, settings.upstream_allowlist)
@@ -105,7 +103,7 @@ async def bootstrap_admin(settings: Settings, accounts: Accounts) -> None:
     token = await accounts.bootstrap_admin()
     if token is None:
         return
-    path = settings.data_dir / ADMIN_TOKEN_FILE
+    path = settings.admin_token_path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
