@@ -44,6 +44,7 @@ class Options:
     hold_streams: int
     hold: bool
     hold_route: str
+    backends: tuple[str, ...]
     litellm_hold: int
     slow_delay: float
     poll_idle: bool
@@ -67,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "reuse the first one's freed heap and understate RSS per stream)",
     )
     ap.add_argument(
+        "--backends",
+        default="sqlite,postgresql",
+        help="comma-separated databases chatgate runs on: sqlite, postgresql (with Redis; "
+        "BENCH_POSTGRES_URL, BENCH_REDIS_URL); each runs every chatgate scenario",
+    )
+    ap.add_argument(
         "--litellm-hold", type=int, default=0, metavar="N", help="also hold N streams through LiteLLM (slow)"
     )
     ap.add_argument(
@@ -81,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     unknown = set(groups) - set(GROUPS)
     if unknown:
         ap.error(f"unknown path(s): {', '.join(sorted(unknown))}")
+    backends = tuple(b.strip() for b in a.backends.split(",") if b.strip())
+    if not backends or set(backends) - set(chatgate_env.BACKENDS):
+        ap.error(f"--backends: choose among {', '.join(chatgate_env.BACKENDS)}")
     if a.skip_litellm:
         groups = tuple(g for g in groups if g != "litellm")
     return Options(
@@ -93,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         hold_streams=a.hold_streams or (2000 if a.quick else 10_000),
         hold=not a.no_hold,
         hold_route=a.hold_route,
+        backends=backends,
         litellm_hold=a.litellm_hold,
         slow_delay=a.slow_delay,
         poll_idle=not a.let_idle_halt,
@@ -253,10 +264,24 @@ def run_floor(b: Bench) -> None:
 
 
 def run_chatgate(b: Bench) -> None:
+    for backend in b.opts.backends:
+        if backend == "postgresql":
+            try:
+                with chatgate_env.postgres_database() as url:
+                    run_chatgate_on(b, chatgate_env.BACKENDS[backend], url)
+            except chatgate_env.ChatgateUnavailable as exc:
+                print(f"  chatgate on PostgreSQL not available: {exc}", flush=True)
+                b.notes.append(f"chatgate on PostgreSQL not available: {str(exc).splitlines()[0]}")
+        else:
+            run_chatgate_on(b, chatgate_env.BACKENDS[backend], None)
+
+
+def run_chatgate_on(b: Bench, label: str, database_url: str | None) -> None:
+    """chatgate's scenarios on one backend: SQLite in a fresh data dir, or the PostgreSQL database given."""
     data_dir = Path(tempfile.mkdtemp(prefix="chatgate-bench-"))
     port = procs.free_port()
     streams = hold_for(b.opts, 2, b.notes, "chatgate")
-    env = {**os.environ, **chatgate_env.env(data_dir, port)}
+    env = {**os.environ, **chatgate_env.env(data_dir, port, database_url)}
     try:
         chatgate_env.check_cli(env, ROOT)
         models = chatgate_env.register(env, ROOT, b.upstream.port)
@@ -278,12 +303,12 @@ def run_chatgate(b: Bench) -> None:
         }
         targets = [
             Target(
-                "chatgate custom", port, "/api/chat/custom", custom, f"tok{b.opts.chunks - 1}",
+                f"chatgate custom{label}", port, "/api/chat/custom", custom, f"tok{b.opts.chunks - 1}",
                 "/api/chat/custom", {**custom, "customModelId": models.slow}, None, up,
                 streams if b.opts.hold_route == "custom" else 0, headers,
             ),
             Target(
-                "chatgate v1", port, "/v1/chat/completions", openai_body(models.fast), "data: [DONE]",
+                f"chatgate v1{label}", port, "/v1/chat/completions", openai_body(models.fast), "data: [DONE]",
                 "/v1/chat/completions", openai_body(models.slow), "data: [DONE]", up,
                 streams if b.opts.hold_route == "v1" else 0, headers,
             ),
@@ -323,7 +348,11 @@ RUNNERS: dict[str, Callable[[Bench], None]] = {
     "chatgate": run_chatgate,
     "litellm": run_litellm,
 }
-PATH_ORDER = ("direct", "floor", "chatgate custom", "chatgate v1", "litellm")
+PATH_ORDER = (
+    "direct", "floor", "chatgate custom", "chatgate v1",
+    *(f"chatgate {route}{label}" for label in list(chatgate_env.BACKENDS.values())[1:] for route in ("custom", "v1")),
+    "litellm",
+)  # fmt: skip
 
 
 def machine() -> str:
