@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatgate.accounts import Accounts
+from chatgate.accounts import Accounts, TokenCache
 from chatgate.api.asgi import Scope
 from chatgate.cache import LRUCache
 from chatgate.cachebus import CacheBus
@@ -38,6 +38,7 @@ from chatgate.security.ssrf import (
 )
 from chatgate.security.supabase import SupabaseVerifier
 from chatgate.store import db
+from chatgate.store.listener import ChangeListener
 from chatgate.tracing import Tracing
 from chatgate.upstream.client import UpstreamClient
 from chatgate.usage import UsageRecorder
@@ -112,6 +113,24 @@ async def bootstrap_admin(settings: Settings, accounts: Accounts) -> None:
     )
 
 
+async def listen_for_token_changes(
+    settings: Settings, engine: AsyncEngine
+) -> tuple[ChangeListener | None, TokenCache | None]:
+    """On PostgreSQL: the cache of verified tokens, and the listener that keeps it true (see
+    `accounts.TokenCache`). SQLite needs neither: its own token reader is cheap and exact."""
+    if engine.url.get_backend_name() != "postgresql":
+        return None, None
+    listener = ChangeListener(engine.url, timeout=settings.database_timeout)
+    cache = TokenCache(lambda: listener.listening)
+    listener.start(cache.clear)
+    try:
+        async with asyncio.timeout(settings.database_timeout):
+            await listener.wait_listening()
+    except TimeoutError:
+        log.warning("could not listen for token changes at start-up: every token is read from the database until then")
+    return listener, cache
+
+
 @dataclass
 class Runtime:
     """Everything a request needs, built once per process."""
@@ -131,6 +150,7 @@ class Runtime:
     bus: CacheBus | None = None
     chats: RunningChats = field(default_factory=RunningChats)  # for the drain at shutdown
     tracing: Tracing | None = None  # OpenTelemetry, when an OTLP endpoint is configured
+    listener: ChangeListener | None = None  # PostgreSQL: token changes, for the token cache
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -139,7 +159,8 @@ class Runtime:
         )
         if settings.migrate_on_start:
             await db.upgrade(engine)
-        accounts = Accounts.for_engine(engine)
+        listener, cache = await listen_for_token_changes(settings, engine)
+        accounts = Accounts.for_engine(engine, cache)
         await bootstrap_admin(settings, accounts)
         supabase = supabase_verifier(settings)
         sessions = Sessions(engine)
@@ -187,6 +208,7 @@ class Runtime:
             redis=redis,
             bus=bus,
             tracing=Tracing.from_environment(),
+            listener=listener,
         )
         metrics.watch(lambda: len(runtime.chats), upstream.pool_counts)
         return runtime
@@ -200,6 +222,8 @@ class Runtime:
             await self.supabase.aclose()
         if self.bus is not None:
             await self.bus.aclose()
+        if self.listener is not None:
+            await self.listener.aclose()
         if isinstance(self.limiter, RedisLimiter):
             await self.limiter.aclose()
         if self.redis is not None:
