@@ -4,7 +4,9 @@ that is not trusted while its connection is down."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -17,7 +19,7 @@ from chatgate.accounts import Accounts, TokenCache
 from chatgate.security.principal import Principal
 from chatgate.security.tokens import token_hash
 from chatgate.store import db
-from chatgate.store.listener import APPLICATION_NAME, ChangeListener
+from chatgate.store.listener import APPLICATION_NAME, ChangeListener, confirm_wait
 
 pytestmark = [pytest.mark.postgres, pytest.mark.backends("postgresql")]
 
@@ -193,3 +195,125 @@ def test_token_cache_serves_nothing_when_not_listening() -> None:
     assert cache.get("h") == principal
     listening = False
     assert cache.get("h") is None
+
+
+def test_a_revocation_returns_only_once_every_listening_instance_has_dropped_the_token(pg_url: str) -> None:
+    """The notification reaches a listener after the commit; the revoker (the CLI, another
+    instance) waits for each listener's confirmation, so no next request can come before it."""
+
+    async def go() -> None:
+        engine = db.create_engine(pg_url)
+        listener = ChangeListener(engine.url)
+        heard: list[int] = []
+        listener.start(lambda: heard.append(1))
+        accounts = Accounts(engine)  # the revoker keeps no cache, as the CLI
+        try:
+            async with asyncio.timeout(5):
+                await listener.wait_listening()
+            await accounts.add_user("u")
+            for _ in range(10):
+                info, _token = await accounts.create_token("u")
+                before = len(heard)
+                await accounts.revoke(str(info.id))
+                assert len(heard) == before + 1  # already applied when the revocation returns
+        finally:
+            await listener.aclose()
+            await engine.dispose()
+
+    asyncio.run(go())
+
+
+def test_an_instance_that_does_not_confirm_is_named_and_the_revocation_stands(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def go() -> float:
+        engine = db.create_engine(pg_url)
+        silent = await asyncpg.connect(pg_url, server_settings={"application_name": f"{APPLICATION_NAME} 4242"})
+        await silent.add_listener("chatgate_tokens", lambda *_: None)  # hears, never confirms
+        accounts = Accounts(engine)
+        try:
+            await accounts.add_user("u")
+            info, token = await accounts.create_token("u")
+            started = time.monotonic()
+            await accounts.revoke(str(info.id))
+            waited = time.monotonic() - started
+            assert await accounts.principal_for_token(token) is None
+            return waited
+        finally:
+            await silent.close()
+            await engine.dispose()
+
+    waited = asyncio.run(go())
+    assert confirm_wait(5.0) <= waited < confirm_wait(5.0) + 2
+    assert f"1 of 1 chatgate instances ({APPLICATION_NAME} 4242) did not confirm" in caplog.text
+
+
+class _Cut:
+    """A TCP relay to PostgreSQL that can go silent, as a network cut (or a hung server) looks:
+    the connection stays open, nothing more arrives either way."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.silent = False
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.relays: list[asyncio.Task[object]] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if not self.silent:
+                    dst.write(data)
+
+        self.relays += [asyncio.ensure_future(pump(reader, up_writer)), asyncio.ensure_future(pump(up_reader, writer))]
+        await asyncio.gather(*self.relays[-2:], return_exceptions=True)
+
+    async def aclose(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        for relay in self.relays:
+            relay.cancel()
+        await asyncio.gather(*self.relays, return_exceptions=True)
+        for writer in self.writers:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def test_a_silent_connection_is_distrusted_before_a_revocation_stops_waiting_for_it(pg_url: str) -> None:
+    """A cut that closes nothing: the listener hears no notification, sends no confirmation. The
+    revocation waits `confirm_wait`; by then the cut instance no longer trusts its cache."""
+
+    async def go() -> None:
+        engine = db.create_engine(pg_url)
+        target = sa.make_url(pg_url)
+        cut = _Cut(target.port or 5432)
+        port = await cut.start()
+        listener = ChangeListener(db.async_url(pg_url).set(port=port), reconnect_delay=30)
+        accounts = Accounts(engine)  # the revoker, on a path that is not cut
+        try:
+            listener.start(lambda: None)
+            async with asyncio.timeout(5):
+                await listener.wait_listening()
+            await accounts.add_user("u")
+            info, _token = await accounts.create_token("u")
+            await asyncio.sleep(0.6)  # a ping or two went through
+            assert listener.listening
+            cut.silent = True
+            await accounts.revoke(str(info.id))  # waits for the cut listener, in vain
+            assert not listener.listening
+        finally:
+            await listener.aclose()
+            await cut.aclose()
+            await engine.dispose()
+
+    asyncio.run(go())

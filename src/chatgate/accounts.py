@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from chatgate.errors import BadRequest, NotFound
 from chatgate.security.principal import Principal
 from chatgate.security.tokens import constant_time_equals, new_token, token_hash, token_prefix
+from chatgate.store.listener import confirm_wait, confirmed_everywhere
 from chatgate.store.schema import tokens, users
 
 
@@ -86,11 +87,11 @@ class TokenCache:
     (from any instance, the CLI, or SQL by hand). When the listener is down nothing is served
     from here and every request reads the database, as without a cache.
 
-    The bound, for a revocation made elsewhere: PostgreSQL sends the notification at commit, and
-    a request this instance handles before the notification has crossed the loopback or LAN and
-    reached this event loop is still admitted (sub-millisecond on one host; measured in
-    docs/performance.md). The instance that revokes clears its own cache before it answers, so
-    there the very next request is refused. Invalid tokens are not cached: a new token works at once."""
+    A notification arrives a little after the commit (up to milliseconds under load): so that
+    the very next request is refused wherever it goes, `Accounts.revoke` returns only once every
+    listening instance has confirmed it dropped its cache (`store.listener.confirmed_everywhere`).
+    A change made by plain SQL has no one waiting for those confirmations: it is refused as soon
+    as each instance hears of it. Invalid tokens are not cached: a new token works at once."""
 
     _MAX_KEPT = 10_000
 
@@ -212,15 +213,24 @@ class Accounts:
             raise NotFound(f"no token {token_ref!r}")
         if len(matches) > 1:
             raise BadRequest(f"{token_ref!r} names several tokens: use the token id")
-        now = datetime.now(UTC)
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                tokens.update()
-                .where(tokens.c.id == matches[0].id, tokens.c.revoked_at.is_(None))
-                .values(revoked_at=now)
-            )
+        revoke = (
+            tokens.update()
+            .where(tokens.c.id == matches[0].id, tokens.c.revoked_at.is_(None))
+            .values(revoked_at=datetime.now(UTC))
+        )
+        async with self._engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                # Returns once every listening instance (this one included) has dropped its
+                # cached tokens: the next request anywhere is refused. SQLite needs no such
+                # wait: each process reads `data_version` on every request.
+                step = getattr(self._engine, "step_timeout", None) or 5.0
+                async with confirmed_everywhere(conn, confirm_wait(step)):
+                    await conn.execute(revoke)
+            else:
+                async with conn.begin():
+                    await conn.execute(revoke)
         if self._cache is not None:
-            self._cache.clear()  # here at once, before the answer: the notification comes a little later
+            self._cache.clear()  # in case this instance's listener is the one that did not confirm
         return matches[0]
 
     async def principal_for_token(self, token: str) -> Principal | None:

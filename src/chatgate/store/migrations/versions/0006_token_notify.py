@@ -28,7 +28,9 @@ def upgrade() -> None:
         return
     op.execute(
         "CREATE FUNCTION chatgate_notify_tokens() RETURNS trigger LANGUAGE plpgsql AS $$ "
-        f"BEGIN PERFORM pg_notify('{CHANNEL}', TG_TABLE_NAME); RETURN NULL; END $$"
+        # The transaction's id: each listener confirms it (`store/listener.py`), so the author of
+        # the change knows when every instance has applied it.
+        f"BEGIN PERFORM pg_notify('{CHANNEL}', txid_current()::text); RETURN NULL; END $$"
     )
     for table in _TABLES:
         # Per statement: a bulk revocation is one notification, not one per row (and PostgreSQL
