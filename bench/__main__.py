@@ -45,6 +45,7 @@ class Options:
     hold_streams: int
     hold: bool
     hold_route: str
+    backends: tuple[str, ...]
     litellm_hold: int
     slow_delay: float
     poll_idle: bool
@@ -69,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         default="custom",
         help="the chatgate route of the hold (one per run: a second hold in the same process would "
         "reuse the first one's freed heap and understate RSS per stream)",
+    )
+    ap.add_argument(
+        "--backends",
+        default="sqlite,postgresql",
+        help="comma-separated databases chatgate runs on: sqlite, postgresql (with Redis; "
+        "BENCH_POSTGRES_URL, BENCH_REDIS_URL); each runs every chatgate scenario",
     )
     ap.add_argument(
         "--litellm-hold", type=int, default=0, metavar="N", help="also hold N streams through LiteLLM (slow)"
@@ -109,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     unknown = set(groups) - set(GROUPS)
     if unknown:
         ap.error(f"unknown path(s): {', '.join(sorted(unknown))}")
+    backends = tuple(b.strip() for b in a.backends.split(",") if b.strip())
+    if not backends or set(backends) - set(chatgate_env.BACKENDS):
+        ap.error(f"--backends: choose among {', '.join(chatgate_env.BACKENDS)}")
     if a.skip_litellm:
         groups = tuple(g for g in groups if g != "litellm")
     return Options(
@@ -121,6 +131,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         hold_streams=a.hold_streams or (2000 if a.quick else 10_000),
         hold="hold" in scenarios,
         hold_route=a.hold_route,
+        backends=backends,
         litellm_hold=a.litellm_hold,
         slow_delay=a.slow_delay,
         poll_idle=not a.let_idle_halt,
@@ -314,11 +325,11 @@ def run_floor(b: Bench) -> None:
 
 
 def _prepare_chatgate(
-    b: Bench, port: int
+    b: Bench, port: int, database_url: str | None = None
 ) -> tuple[Path, dict[str, str], chatgate_env.BenchModels, dict[str, str]] | None:
     """A data directory, environment, registered models and auth headers; None (noted) when chatgate is unavailable."""
     data_dir = Path(tempfile.mkdtemp(prefix="chatgate-bench-"))
-    env = {**os.environ, **chatgate_env.env(data_dir, port)}
+    env = {**os.environ, **chatgate_env.env(data_dir, port, database_url)}
     try:
         chatgate_env.check_cli(env, ROOT)
         models = chatgate_env.register(env, ROOT, b.upstream.port)
@@ -335,9 +346,23 @@ def custom_body(model_id: str) -> dict[str, Any]:
 
 
 def run_chatgate(b: Bench) -> None:
+    for backend in b.opts.backends:
+        if backend == "postgresql":
+            try:
+                with chatgate_env.postgres_database() as url:
+                    run_chatgate_on(b, chatgate_env.BACKENDS[backend], url)
+            except chatgate_env.ChatgateUnavailable as exc:
+                print(f"  chatgate on PostgreSQL not available: {exc}", flush=True)
+                b.notes.append(f"chatgate on PostgreSQL not available: {str(exc).splitlines()[0]}")
+        else:
+            run_chatgate_on(b, chatgate_env.BACKENDS[backend], None)
+
+
+def run_chatgate_on(b: Bench, label: str, database_url: str | None) -> None:
+    """chatgate's scenarios on one backend: SQLite in a fresh data dir, or the PostgreSQL database given."""
     port = procs.free_port()
     streams = hold_for(b.opts, 2, b.notes, "chatgate")
-    prepared = _prepare_chatgate(b, port)
+    prepared = _prepare_chatgate(b, port, database_url)
     if prepared is None:
         return
     data_dir, env, models, headers = prepared
@@ -350,12 +375,12 @@ def run_chatgate(b: Bench) -> None:
         custom = custom_body(models.fast)
         targets = [
             Target(
-                "chatgate custom", port, "/api/chat/custom", custom, f"tok{b.opts.chunks - 1}",
+                f"chatgate custom{label}", port, "/api/chat/custom", custom, f"tok{b.opts.chunks - 1}",
                 "/api/chat/custom", {**custom, "customModelId": models.slow}, None, up,
                 streams if b.opts.hold_route == "custom" else 0, headers,
             ),
             Target(
-                "chatgate v1", port, "/v1/chat/completions", openai_body(models.fast), "data: [DONE]",
+                f"chatgate v1{label}", port, "/v1/chat/completions", openai_body(models.fast), "data: [DONE]",
                 "/v1/chat/completions", openai_body(models.slow), "data: [DONE]", up,
                 streams if b.opts.hold_route == "v1" else 0, headers,
             ),
@@ -431,7 +456,11 @@ RUNNERS: dict[str, Callable[[Bench], None]] = {
     "workers": run_chatgate_workers,
     "litellm": run_litellm,
 }
-PATH_ORDER = ("direct", "floor", "chatgate custom", "chatgate v1", "litellm")
+PATH_ORDER = (
+    "direct", "floor", "chatgate custom", "chatgate v1",
+    *(f"chatgate {route}{label}" for label in list(chatgate_env.BACKENDS.values())[1:] for route in ("custom", "v1")),
+    "litellm",
+)  # fmt: skip
 
 
 def machine() -> str:

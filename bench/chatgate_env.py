@@ -3,12 +3,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from bench.report import PG_LABEL
+
+# The backends a chatgate scenario runs on (`--backends`): the embedded default, and the
+# production configuration the README recommends. The label goes after the path's name.
+BACKENDS = {"sqlite": "", "postgresql": PG_LABEL}
+POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 class ChatgateUnavailable(RuntimeError):
@@ -21,10 +35,15 @@ class BenchModels:
     slow: str  # model id routed to the upstream's hold stream
 
 
-def env(data_dir: Path, port: int) -> dict[str, str]:
-    """The environment of every chatgate command of the bench."""
+def env(data_dir: Path, port: int, database_url: str | None = None) -> dict[str, str]:
+    """The environment of every chatgate command of the bench: a SQLite file in `data_dir`,
+    or the PostgreSQL database given, with Redis (under a prefix of the run's own)."""
+    extra = {}
+    if database_url is not None:
+        extra = {"CHATGATE_REDIS_URL": REDIS_URL, "CHATGATE_REDIS_PREFIX": f"bench-{data_dir.name}:"}
     return {
-        "CHATGATE_DATABASE_URL": f"sqlite:///{data_dir}/bench.db",
+        **extra,
+        "CHATGATE_DATABASE_URL": database_url or f"sqlite:///{data_dir}/bench.db",
         "CHATGATE_DATA_DIR": str(data_dir),
         "CHATGATE_PORT": str(port),
         "CHATGATE_ALLOW_PRIVATE_UPSTREAMS": "true",
@@ -93,3 +112,28 @@ def chatgate_headers(environ: Mapping[str, str], cwd: Path | None = None) -> dic
 def serve_command(workers: int = 1) -> list[str]:
     """`chatgate serve`, with `--workers N` beyond one (one process, no supervisor, otherwise)."""
     return [sys.executable, "-m", "chatgate", "serve", *(["--workers", str(workers)] if workers > 1 else [])]
+
+
+def _admin(statement: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(POSTGRES_URL, timeout=10)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(run())
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ChatgateUnavailable(f"PostgreSQL at {make_url(POSTGRES_URL).host}: {exc}") from exc
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one chatgate run (BENCH_POSTGRES_URL's server), dropped after."""
+    name = f"chatgate_bench_{uuid.uuid4().hex[:12]}"
+    _admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -13,6 +13,7 @@ from typing import Any
 DIRECT, FLOOR, LITELLM = "direct", "floor", "litellm"
 SERVER_CORE, CLIENT_CORE = "0", "1"
 CHATGATE_PATHS = ("chatgate custom", "chatgate v1")
+PG_LABEL = " (pg+redis)"  # the same routes with PostgreSQL + Redis behind them (`--backends`)
 SCENARIOS = {"c1": "32 chunks, concurrency 1", "c64": "32 chunks, concurrency 64", "hold": "hold (slow upstream)"}
 DOC_START, DOC_END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
 
@@ -240,6 +241,17 @@ def targets(figs: dict[tuple[str, str], Figures], hold_goal: int) -> list[str]:
             lines.append(
                 f"- {verdict(ok)} {route}: {held:,.0f} of {tried:,.0f} streams held at once{capped}, "
                 f"{hold.values['errors']} errors, {_f(per, 1)} KB RSS per stream above idle (≤ 50)"
+            )
+    for route in CHATGATE_PATHS:
+        for scenario in ("c1", "c64"):
+            pg, lite = figs.get((route + PG_LABEL, scenario)), figs.get((route, scenario))
+            if pg is None or lite is None:
+                continue
+            cpu, lcpu = pg.get("cpu_ms_per_req"), lite.get("cpu_ms_per_req")
+            ratio = cpu / lcpu if cpu and lcpu else None
+            lines.append(
+                f"- {verdict(None if ratio is None else ratio <= 1.3)} {route}{PG_LABEL}: CPU per request "
+                f"{_f(ratio)}x SQLite's ({scenario}; target ≤ 1.3x)"
             )
     return lines
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -14,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from chatgate.errors import BadRequest, NotFound
 from chatgate.security.principal import Principal
 from chatgate.security.tokens import constant_time_equals, new_token, token_hash, token_prefix
+from chatgate.store.listener import confirm_wait, confirmed_everywhere
 from chatgate.store.schema import tokens, users
 
 
@@ -76,20 +78,70 @@ class SQLiteTokenReader:
         self._conn.close()
 
 
+class TokenCache:
+    """The tokens this process has verified, for PostgreSQL, where each lookup is a round trip
+    through the pool (about 0.6 ms of CPU per request, docs/performance.md).
+
+    Trusted only while `listening()` is True, i.e. while `store.listener.ChangeListener` holds
+    its subscription: every committed revocation, deletion or user change then reaches `clear`
+    (from any instance, the CLI, or SQL by hand). When the listener is down nothing is served
+    from here and every request reads the database, as without a cache.
+
+    A notification arrives a little after the commit (up to milliseconds under load): so that
+    the very next request is refused wherever it goes, `Accounts.revoke` returns only once every
+    listening instance has confirmed it dropped its cache (`store.listener.confirmed_everywhere`).
+    A change made by plain SQL has no one waiting for those confirmations: it is refused as soon
+    as each instance hears of it. Invalid tokens are not cached: a new token works at once."""
+
+    _MAX_KEPT = 10_000
+
+    def __init__(self, listening: Callable[[], bool]) -> None:
+        self._listening = listening
+        self._kept: dict[str, Principal] = {}
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        """Changes with every `clear`: a lookup takes it before reading, and hands it back to `put`."""
+        return self._generation
+
+    def get(self, digest: str) -> Principal | None:
+        if not self._listening():
+            return None
+        return self._kept.get(digest)
+
+    def put(self, digest: str, principal: Principal, generation: int) -> None:
+        # Only when nothing was heard while the row was read: a revocation committed meanwhile
+        # must not be overwritten by the answer read before it.
+        if generation != self._generation or not self._listening():
+            return
+        if len(self._kept) >= self._MAX_KEPT:
+            self._kept.clear()
+        self._kept[digest] = principal
+
+    def clear(self) -> None:
+        self._generation += 1
+        self._kept.clear()
+
+
 class Accounts:
     """Users, tokens, and the token lookup behind authentication."""
 
-    def __init__(self, engine: AsyncEngine, *, reader: SQLiteTokenReader | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, reader: SQLiteTokenReader | None = None, cache: TokenCache | None = None
+    ) -> None:
         self._engine = engine
         self._reader = reader
+        self._cache = cache
 
     @classmethod
-    def for_engine(cls, engine: AsyncEngine) -> Accounts:
-        """Accounts with the fast token reader where the database is a SQLite file."""
+    def for_engine(cls, engine: AsyncEngine, cache: TokenCache | None = None) -> Accounts:
+        """Accounts with the fast token reader where the database is a SQLite file, else with
+        `cache` (a server on PostgreSQL; the CLI has none)."""
         url = engine.url
         if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
             return cls(engine, reader=SQLiteTokenReader(url.database))
-        return cls(engine)
+        return cls(engine, cache=cache)
 
     def close(self) -> None:
         if self._reader is not None:
@@ -161,13 +213,24 @@ class Accounts:
             raise NotFound(f"no token {token_ref!r}")
         if len(matches) > 1:
             raise BadRequest(f"{token_ref!r} names several tokens: use the token id")
-        now = datetime.now(UTC)
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                tokens.update()
-                .where(tokens.c.id == matches[0].id, tokens.c.revoked_at.is_(None))
-                .values(revoked_at=now)
-            )
+        revoke = (
+            tokens.update()
+            .where(tokens.c.id == matches[0].id, tokens.c.revoked_at.is_(None))
+            .values(revoked_at=datetime.now(UTC))
+        )
+        async with self._engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                # Returns once every listening instance (this one included) has dropped its
+                # cached tokens: the next request anywhere is refused. SQLite needs no such
+                # wait: each process reads `data_version` on every request.
+                step = getattr(self._engine, "step_timeout", None) or 5.0
+                async with confirmed_everywhere(conn, confirm_wait(step)):
+                    await conn.execute(revoke)
+            else:
+                async with conn.begin():
+                    await conn.execute(revoke)
+        if self._cache is not None:
+            self._cache.clear()  # in case this instance's listener is the one that did not confirm
         return matches[0]
 
     async def principal_for_token(self, token: str) -> Principal | None:
@@ -181,6 +244,12 @@ class Accounts:
             if found is None or not constant_time_equals(found[0], digest):
                 return None
             return Principal(found[1], found[2], found[3])
+        generation = 0
+        if self._cache is not None:
+            principal = self._cache.get(digest)
+            if principal is not None:
+                return principal
+            generation = self._cache.generation
         query = (
             sa.select(tokens.c.token_hash, users.c.id, users.c.name, users.c.is_admin)
             .join(users, users.c.id == tokens.c.user_id)
@@ -190,7 +259,10 @@ class Accounts:
             row = (await conn.execute(query)).first()
         if row is None or not constant_time_equals(row.token_hash, digest):
             return None
-        return Principal(row.id, row.name, bool(row.is_admin))
+        principal = Principal(row.id, row.name, bool(row.is_admin))
+        if self._cache is not None:
+            self._cache.put(digest, principal, generation)
+        return principal
 
     async def bootstrap_admin(self) -> str | None:
         """On an empty user table: create the `admin` user and return its first token (else None)."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatgate.accounts import Accounts
+from chatgate.accounts import Accounts, TokenCache
 from chatgate.api.asgi import Scope
 from chatgate.breaker import Breaker
 from chatgate.cache import LRUCache
@@ -41,6 +41,7 @@ from chatgate.security.ssrf import (
 )
 from chatgate.security.supabase import SupabaseVerifier
 from chatgate.store import db
+from chatgate.store.listener import ChangeListener
 from chatgate.tracing import Tracing
 from chatgate.upstream.client import UpstreamClient
 from chatgate.usage import UsageRecorder
@@ -117,6 +118,24 @@ async def bootstrap_admin(settings: Settings, accounts: Accounts) -> None:
     )
 
 
+async def listen_for_token_changes(
+    settings: Settings, engine: AsyncEngine
+) -> tuple[ChangeListener | None, TokenCache | None]:
+    """On PostgreSQL: the cache of verified tokens, and the listener that keeps it true (see
+    `accounts.TokenCache`). SQLite needs neither: its own token reader is cheap and exact."""
+    if engine.url.get_backend_name() != "postgresql":
+        return None, None
+    listener = ChangeListener(engine.url, timeout=settings.database_timeout)
+    cache = TokenCache(lambda: listener.listening)
+    listener.start(cache.clear)
+    try:
+        async with asyncio.timeout(settings.database_timeout):
+            await listener.wait_listening()
+    except TimeoutError:
+        log.warning("could not listen for token changes at start-up: every token is read from the database until then")
+    return listener, cache
+
+
 @dataclass
 class Runtime:
     """Everything a request needs, built once per process."""
@@ -137,6 +156,7 @@ class Runtime:
     bus: CacheBus | None = None
     chats: RunningChats = field(default_factory=RunningChats)  # for the drain at shutdown
     tracing: Tracing | None = None  # OpenTelemetry, when an OTLP endpoint is configured
+    listener: ChangeListener | None = None  # PostgreSQL: token changes, for the token cache
 
     @classmethod
     async def start(cls, settings: Settings, worker: Worker | None = None) -> Runtime:
@@ -147,7 +167,8 @@ class Runtime:
         )
         if settings.migrate_on_start and worker is None:
             await db.upgrade(engine)
-        accounts = Accounts.for_engine(engine)
+        listener, cache = await listen_for_token_changes(settings, engine)
+        accounts = Accounts.for_engine(engine, cache)
         if worker is None:
             await bootstrap_admin(settings, accounts)
         supabase = supabase_verifier(settings)
@@ -208,6 +229,7 @@ class Runtime:
             redis=redis,
             bus=bus,
             tracing=Tracing.from_environment(),
+            listener=listener,
         )
         metrics.watch(lambda: len(runtime.chats), upstream.pool_counts)
         if isinstance(metrics, SharedMetrics):
@@ -223,6 +245,8 @@ class Runtime:
             await self.supabase.aclose()
         if self.bus is not None:
             await self.bus.aclose()
+        if self.listener is not None:
+            await self.listener.aclose()
         if isinstance(self.limiter, RedisLimiter):
             await self.limiter.aclose()
         if self.redis is not None:

@@ -29,9 +29,9 @@ def private_pg() -> Iterator[services.PrivatePostgres]:
         pg.cleanup()
 
 
-def chat(server: ChatgateServer, model: str, name: str) -> httpx.Response:
+def chat(server: ChatgateServer, model: str, name: str, token: str | None = None) -> httpx.Response:
     body = {"chatSettings": {"model": name}, "messages": [{"role": "user", "content": "hi"}], "customModelId": model}
-    with server.client(timeout=30) as client:
+    with server.client(token, timeout=30) as client:
         return client.post("/api/chat/custom", json=body)
 
 
@@ -83,13 +83,16 @@ def test_hung_database_is_503_within_one_timeout(
     private_pg: services.PrivatePostgres, served: tuple[ChatgateServer, str, str]
 ) -> None:
     server, model, name = served
+    # A token not verified yet needs the database; the admin's, verified by `served`, is kept
+    # in memory only while the database answers the listener (see below).
+    fresh = server.new_user(admin=True)
     private_pg.freeze()  # connections are accepted, nothing is answered
     try:
         # The first requests meet a pooled connection whose ping hangs, then a connect that hangs:
         # together they get one timeout, not one each.
         took = []
         for _ in range(3):
-            response, seconds = timed(lambda: chat(server, model, name))
+            response, seconds = timed(lambda: chat(server, model, name, fresh))
             assert_unavailable(response)
             took.append(seconds)
         with server.client(timeout=30) as client:
@@ -97,6 +100,10 @@ def test_hung_database_is_503_within_one_timeout(
         assert_unavailable(listed)
         took.append(seconds)
         assert max(took) < TIMEOUT + 0.6, took
+        # The kept token too, once the listener's last answered ping is older than confirm_wait
+        # (0.5 s here): no revocation can have been missed before that.
+        refused = wait_until(lambda: (r := chat(server, model, name)).status_code == 503 and r, timeout=5)
+        assert_unavailable(refused)
     finally:
         private_pg.thaw()
     recovered = wait_until(lambda: (r := chat(server, model, name)).status_code == 200 and r, timeout=10)

@@ -7,14 +7,14 @@ The two expressions must stay, character for character, the ones `chatgate.usage
 (SQLite matches an expression index by the expression's text): `USAGE_DAY` and `USAGE_TTFB_MS`.
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
