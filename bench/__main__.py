@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ class Options:
     hold: bool
     hold_route: str
     backends: tuple[str, ...]
+    metrics_off: bool
     litellm_hold: int
     slow_delay: float
     poll_idle: bool
@@ -70,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
         default="custom",
         help="the chatgate route of the hold (one per run: a second hold in the same process would "
         "reuse the first one's freed heap and understate RSS per stream)",
+    )
+    ap.add_argument(
+        "--no-metrics-off",
+        action="store_true",
+        help="skip the second chatgate with CHATGATE_METRICS=false (what counting a chat costs)",
     )
     ap.add_argument(
         "--backends",
@@ -132,6 +138,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         hold="hold" in scenarios,
         hold_route=a.hold_route,
         backends=backends,
+        metrics_off=not a.no_metrics_off,
         litellm_hold=a.litellm_hold,
         slow_delay=a.slow_delay,
         poll_idle=not a.let_idle_halt,
@@ -180,6 +187,8 @@ class Target:
     # Served on every core (`--workers`): no core is the server's alone, so the CPU of other
     # processes per core cannot be told apart; the client side's own CPU is reported instead.
     spread: bool = False
+    # The processes whose CPU is this target's, when not those of the group measured with it.
+    pids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -259,7 +268,7 @@ class Bench:
         for rep in range(self.opts.reps if "streams" in self.opts.scenarios else 0):
             for target in targets:
                 for scenario in ("c1", "c64"):
-                    self.scenario(target, scenario, rep, watch)
+                    self.scenario(target, scenario, rep, list(target.pids) or watch)
         if self.opts.hold:
             for target in targets:
                 if not target.hold_streams:
@@ -370,22 +379,47 @@ def run_chatgate_on(b: Bench, label: str, database_url: str | None) -> None:
         "chatgate", chatgate_env.serve_command(), port=port, core=procs.SERVER_CORE, log_dir=b.log_dir,
         env=env, cwd=data_dir,
     )  # fmt: skip
-    with running(server, "/healthz", 60):
-        up = b.upstream.port
-        custom = custom_body(models.fast)
-        targets = [
-            Target(
-                f"chatgate custom{label}", port, "/api/chat/custom", custom, f"tok{b.opts.chunks - 1}",
-                "/api/chat/custom", {**custom, "customModelId": models.slow}, None, up,
-                streams if b.opts.hold_route == "custom" else 0, headers,
-            ),
-            Target(
-                f"chatgate v1{label}", port, "/v1/chat/completions", openai_body(models.fast), "data: [DONE]",
-                "/v1/chat/completions", openai_body(models.slow), "data: [DONE]", up,
-                streams if b.opts.hold_route == "v1" else 0, headers,
-            ),
-        ]  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(running(server, "/healthz", 60))
+        targets = _chatgate_targets(b, label, port, models, headers, streams)
+        if b.opts.metrics_off and database_url is None:
+            # A second chatgate with metrics off, on the same core, measured in turn with the first in
+            # every repetition (interleaved, so drift in the machine's speed hits both alike).
+            off_port = procs.free_port()
+            off = _prepare_chatgate(b, off_port)
+            if off is not None:
+                off_dir, off_env, off_models, off_headers = off
+                off_server = procs.start(
+                    "chatgate-metrics-off", chatgate_env.serve_command(), port=off_port, core=procs.SERVER_CORE,
+                    log_dir=b.log_dir, env={**off_env, "CHATGATE_METRICS": "false"}, cwd=off_dir,
+                )  # fmt: skip
+                stack.enter_context(running(off_server, "/healthz", 60))
+                pids = tuple(off_server.pids)
+                off_targets = [
+                    replace(t, pids=pids, hold_streams=0)
+                    for t in _chatgate_targets(b, report.METRICS_OFF_LABEL, off_port, off_models, off_headers, 0)
+                ]
+                targets = [t for pair in zip(targets, off_targets, strict=True) for t in pair]
         b.measure(targets, server.pids)
+
+
+def _chatgate_targets(
+    b: Bench, label: str, port: int, models: chatgate_env.BenchModels, headers: dict[str, str], streams: int
+) -> list[Target]:
+    up = b.upstream.port
+    custom = custom_body(models.fast)
+    return [
+        Target(
+            f"chatgate custom{label}", port, "/api/chat/custom", custom, f"tok{b.opts.chunks - 1}",
+            "/api/chat/custom", {**custom, "customModelId": models.slow}, None, up,
+            streams if b.opts.hold_route == "custom" else 0, headers,
+        ),
+        Target(
+            f"chatgate v1{label}", port, "/v1/chat/completions", openai_body(models.fast), "data: [DONE]",
+            "/v1/chat/completions", openai_body(models.slow), "data: [DONE]", up,
+            streams if b.opts.hold_route == "v1" else 0, headers,
+        ),
+    ]  # fmt: skip
 
 
 def run_chatgate_workers(b: Bench) -> None:
@@ -458,6 +492,7 @@ RUNNERS: dict[str, Callable[[Bench], None]] = {
 }
 PATH_ORDER = (
     "direct", "floor", "chatgate custom", "chatgate v1",
+    f"chatgate custom{report.METRICS_OFF_LABEL}", f"chatgate v1{report.METRICS_OFF_LABEL}",
     *(f"chatgate {route}{label}" for label in list(chatgate_env.BACKENDS.values())[1:] for route in ("custom", "v1")),
     "litellm",
 )  # fmt: skip

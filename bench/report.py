@@ -14,6 +14,9 @@ DIRECT, FLOOR, LITELLM = "direct", "floor", "litellm"
 SERVER_CORE, CLIENT_CORE = "0", "1"
 CHATGATE_PATHS = ("chatgate custom", "chatgate v1")
 PG_LABEL = " (pg+redis)"  # the same routes with PostgreSQL + Redis behind them (`--backends`)
+# The same routes on a second chatgate with CHATGATE_METRICS=false, measured in turn with the first.
+METRICS_OFF_LABEL = " (metrics off)"
+METRICS_BUDGET = 1.03  # issue 11: CPU per request with metrics on within 3% of off
 SCENARIOS = {"c1": "32 chunks, concurrency 1", "c64": "32 chunks, concurrency 64", "hold": "hold (slow upstream)"}
 DOC_START, DOC_END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
 
@@ -241,6 +244,16 @@ def targets(figs: dict[tuple[str, str], Figures], hold_goal: int) -> list[str]:
             lines.append(
                 f"- {verdict(ok)} {route}: {held:,.0f} of {tried:,.0f} streams held at once{capped}, "
                 f"{hold.values['errors']} errors, {_f(per, 1)} KB RSS per stream above idle (≤ 50)"
+            )
+    for route in CHATGATE_PATHS:
+        on, off = figs.get((route, "c64")), figs.get((route + METRICS_OFF_LABEL, "c64"))
+        if on is not None and off is not None:
+            cpu, off_cpu = on.get("cpu_ms_per_req"), off.get("cpu_ms_per_req")
+            ratio = cpu / off_cpu if cpu and off_cpu else None
+            lines.append(
+                f"- {verdict(None if ratio is None else ratio <= METRICS_BUDGET)} {route}: CPU per request "
+                f"with metrics on {_f(cpu, 3)} ms, off {_f(off_cpu, 3)} ms: {_f(ratio, 3)}x "
+                f"(c64; target ≤ {METRICS_BUDGET}x)"
             )
     for route in CHATGATE_PATHS:
         for scenario in ("c1", "c64"):
