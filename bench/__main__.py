@@ -464,14 +464,8 @@ def run_litellm(b: Bench) -> None:
         print(f"  LiteLLM not available: {installed}", flush=True)
         b.notes.append(f"LiteLLM not available: {installed.splitlines()[0]}")
         return
-    port = procs.free_port()
-    config = litellm_env.write_config(b.log_dir / "litellm.yaml", b.upstream.port)
-    log_config = litellm_env.write_log_config(b.log_dir / "litellm-logging.json")
-    server = procs.start(
-        "litellm", litellm_env.command(installed, config, port, log_config), port=port,
-        core=procs.SERVER_CORE, log_dir=b.log_dir, env=litellm_env.ENV, cwd=b.log_dir,
-        unset=litellm_env.UNSET,
-    )  # fmt: skip
+    server = litellm_env.start(installed, "litellm", b.log_dir, b.upstream.port)
+    port = server.port
     with running(server, "/health/liveliness", 180):
         hold = min(b.opts.litellm_hold, fd_capacity() // 2)
         t = Target(

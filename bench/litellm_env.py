@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import procs
+
 LITELLM_VERSION = "1.82.6"
 COMPROMISED = frozenset({"1.82.7", "1.82.8"})
 REQUIREMENT = f"litellm[proxy]=={LITELLM_VERSION}"
@@ -125,3 +127,14 @@ def command(litellm: LiteLLM, config: Path, port: int, log_config: Path) -> list
         "--telemetry", "False",
         "--log_config", str(log_config),
     ]  # fmt: skip
+
+
+def start(litellm: LiteLLM, name: str, log_dir: Path, upstream_port: int) -> procs.Server:
+    """The proxy on the server's core, routed to the bench upstream, its config and logs in `log_dir`."""
+    port = procs.free_port()
+    config = write_config(log_dir / f"{name}.yaml", upstream_port)
+    log_config = write_log_config(log_dir / f"{name}-logging.json")
+    return procs.start(
+        name, command(litellm, config, port, log_config), port=port, core=procs.SERVER_CORE, log_dir=log_dir,
+        env=ENV, cwd=log_dir, unset=UNSET,
+    )  # fmt: skip

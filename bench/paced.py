@@ -507,13 +507,8 @@ def _litellm(b: Bench, runner: Runner, direct: PacedTarget) -> None:
     if isinstance(installed, str):
         b.notes.append(f"paced: LiteLLM not available: {installed.splitlines()[0]}")
         return
-    port = procs.free_port()
-    config = litellm_env.write_config(b.log_dir / "litellm-paced.yaml", b.upstream.port)
-    log_config = litellm_env.write_log_config(b.log_dir / "litellm-paced-logging.json")
-    server = procs.start(
-        "litellm-paced", litellm_env.command(installed, config, port, log_config), port=port,
-        core=procs.SERVER_CORE, log_dir=b.log_dir, env=litellm_env.ENV, cwd=b.log_dir, unset=litellm_env.UNSET,
-    )  # fmt: skip
+    server = litellm_env.start(installed, "litellm-paced", b.log_dir, b.upstream.port)
+    port = server.port
     with _server(server, "/health/liveliness", 180):
         t = PacedTarget(LITELLM, port, "/v1/chat/completions", _openai("bench-paced"), "data: [DONE]", server.pids)
         runner.baseline(t)
