@@ -268,8 +268,17 @@ def models_list() -> None:
 def _show(record: ModelRecord) -> None:
     table = Table("field", "value", show_header=False)
     for key, value in record.public().items():
-        table.add_row(key, "" if value is None else str(value))
+        table.add_row(key, _cell(value))
     out.print(table)
+
+
+def _cell(value: object) -> str:
+    """A field as a person reads it: fallbacks as `id, id`, members as `id:weight, id:weight`."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ", ".join(f"{v['id']}:{v['weight']}" if isinstance(v, dict) else str(v) for v in value)
+    return str(value)
 
 
 @models_app.command("show")

@@ -66,6 +66,10 @@ def access_fields(trace: ChatTrace) -> dict[str, object]:
         "prompt_tokens": trace.prompt_tokens,
         "completion_tokens": trace.completion_tokens,
         "bytes": trace.bytes_out,
+        # Upstream requests made (retries and fallbacks included), and the chatgate id of the
+        # model that answered (a fallback's, when the requested model failed).
+        "attempts": trace.attempts,
+        "answered": str(trace.answered_id) if trace.answered_id else None,
         "client_gone": trace.client_gone,
         "error_kind": trace.error_kind,
     }

@@ -414,6 +414,7 @@ def test_the_cli_sets_fallbacks_and_members(server: ChatgateServer, fake: FakeUp
     primary, a, b = (answering(server, fake, "x") for _ in range(3))
     done = server.cli("models", "update", primary.id, "--fallbacks", f"{a.id},{b.id}", "--members", f"{a.id}:3")
     assert done.returncode == 0, done.stderr
+    assert f"{a.id}, {b.id}" in done.stdout and f"{a.id}:3" in done.stdout  # read as a person reads them
     with server.client() as client:
         shown = client.get(f"/api/models/{primary.id}").json()
     assert shown["fallbacks"] == [a.id, b.id]

@@ -52,6 +52,7 @@ def test_json_access_line_with_the_clients_request_id(
         "client_gone": False,
     }
     assert (line["prompt_tokens"], line["completion_tokens"], line["error_kind"]) == (7, 5, None)
+    assert (line["attempts"], line["answered"]) == (1, model_id)
     assert line["ttfb"] > 0 and line["duration"] >= line["ttfb"]
     assert "time" in line and line["user"]
     # Every line of the server's own logging is JSON; no key, no message contents anywhere.
@@ -71,7 +72,8 @@ def test_text_access_line_names_the_failure(make_chatgate: Callable[..., Chatgat
     assert GENERATED.fullmatch(request_id)
     line = wait_until(lambda: re.search(rf"INFO chatgate\.access: chat request_id={request_id} .*", server.log_text()))
     assert f"model={name} status=503 " in line.group(0)
-    assert line.group(0).endswith("client_gone=False error_kind=status")
+    # A 503 is retried once (CHATGATE_RETRY_ATTEMPTS), then answered: no model answered.
+    assert line.group(0).endswith("attempts=2 answered=- client_gone=False error_kind=status")
     assert API_KEY not in server.log_text()
 
 
