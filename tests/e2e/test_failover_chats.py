@@ -136,9 +136,10 @@ def test_custom_route_fails_over_to_the_fallback(server: ChatgateServer, fake: F
     assert response.text == "answer from the fallback"
     assert response.headers["x-chatgate-model"] == fallback.id
     tries = 2 if mode in RETRIED else 1
-    if mode == "hang_before_head":
+    if mode in ("hang_before_head", "reset_before_head"):
         # The pool itself re-sends once on a fresh connection when a reused keep-alive one stays
-        # silent (http11.Pool.request): that is the transport's, not an attempt of failover's.
+        # silent or is reset before the head (http11.Pool.request), as a stale keep-alive connection
+        # would be: that is the transport's, not an attempt of failover's.
         assert len(primary.requests()) in (tries, tries + 1)
     elif mode != "refuse":
         assert len(primary.requests()) == tries
