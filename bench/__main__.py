@@ -266,7 +266,9 @@ class Bench:
 
     def measure(self, targets: list[Target], watch: list[int]) -> None:
         for rep in range(self.opts.reps if "streams" in self.opts.scenarios else 0):
-            for target in targets:
+            # Every other repetition takes the targets in reverse order: paths measured in turn
+            # (metrics on and off) must not owe a difference to which of them always goes first.
+            for target in targets if rep % 2 == 0 else targets[::-1]:
                 for scenario in ("c1", "c64"):
                     self.scenario(target, scenario, rep, list(target.pids) or watch)
         if self.opts.hold:
