@@ -17,8 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -281,15 +280,6 @@ class Bench:
                 self.scenario(target, "hold", 0, watch)
 
 
-@contextmanager
-def running(server: procs.Server, ready_path: str, timeout: float) -> Iterator[procs.Server]:
-    try:
-        server.wait_ready(ready_path, timeout)
-        yield server
-    finally:
-        server.stop()
-
-
 def fd_capacity() -> int:
     """Sockets one process may hold, leaving room for everything else it opens."""
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200
@@ -329,7 +319,7 @@ def run_floor(b: Bench) -> None:
     ]  # fmt: skip
     env = {"BENCH_CHUNKS": str(b.opts.chunks), "BENCH_SLOW_DELAY": str(b.opts.slow_delay)}
     server = procs.start("floor", cmd, port=port, core=procs.SERVER_CORE, log_dir=b.log_dir, env=env, cwd=ROOT)
-    with running(server, "/healthz", 30):
+    with procs.running(server, "/healthz", 30):
         last = f"tok{b.opts.chunks - 1}"
         t = Target("floor", port, "/", {}, last, "/slow", {}, None, port, hold_for(b.opts, 1, b.notes, "floor"))
         b.measure([t], server.pids)
@@ -382,7 +372,7 @@ def run_chatgate_on(b: Bench, label: str, database_url: str | None) -> None:
         env=env, cwd=data_dir,
     )  # fmt: skip
     with contextlib.ExitStack() as stack:
-        stack.enter_context(running(server, "/healthz", 60))
+        stack.enter_context(procs.running(server, "/healthz", 60))
         targets = _chatgate_targets(b, label, port, models, headers, streams)
         if b.opts.metrics_off and database_url is None:
             # A second chatgate with metrics off, on the same core, measured in turn with the first in
@@ -395,7 +385,7 @@ def run_chatgate_on(b: Bench, label: str, database_url: str | None) -> None:
                     "chatgate-metrics-off", chatgate_env.serve_command(), port=off_port, core=procs.SERVER_CORE,
                     log_dir=b.log_dir, env={**off_env, "CHATGATE_METRICS": "false"}, cwd=off_dir,
                 )  # fmt: skip
-                stack.enter_context(running(off_server, "/healthz", 60))
+                stack.enter_context(procs.running(off_server, "/healthz", 60))
                 pids = tuple(off_server.pids)
                 off_targets = [
                     replace(t, pids=pids, hold_streams=0)
@@ -440,7 +430,7 @@ def run_chatgate_workers(b: Bench) -> None:
         name.replace(" ", "-"), chatgate_env.serve_command(workers), port=port, core=cores,
         log_dir=b.log_dir, env=env, cwd=data_dir,
     )  # fmt: skip
-    with running(server, "/healthz", 60):
+    with procs.running(server, "/healthz", 60):
         deadline = time.monotonic() + 60
         while len(server.pids) < workers + 1:  # the supervisor and every worker, to count their CPU
             if time.monotonic() > deadline:
@@ -468,7 +458,7 @@ def run_litellm(b: Bench) -> None:
         return
     server = litellm_env.start(installed, "litellm", b.log_dir, b.upstream.port)
     port = server.port
-    with running(server, "/health/liveliness", 180):
+    with procs.running(server, "/health/liveliness", 180):
         hold = min(b.opts.litellm_hold, fd_capacity() // 2)
         t = Target(
             "litellm", port, "/v1/chat/completions", openai_body("bench"), "data: [DONE]",
@@ -527,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         port=up_port, core=procs.CLIENT_CORE, log_dir=log_dir, cwd=ROOT,
     )  # fmt: skip
     no_halt = procs.NoIdleHalt()
-    with running(upstream, "/healthz", 15), no_halt if opts.poll_idle else contextlib.nullcontext():
+    with procs.running(upstream, "/healthz", 15), no_halt if opts.poll_idle else contextlib.nullcontext():
         bench = Bench(opts, log_dir, upstream)
         if no_halt.problem:
             bench.notes.append(no_halt.problem)

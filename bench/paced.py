@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -431,15 +431,6 @@ def _openai(model: str) -> dict[str, Any]:
     return {"model": model, "messages": CHAT, "stream": True}
 
 
-@contextlib.contextmanager
-def _server(server: procs.Server, ready: str, timeout: float) -> Iterator[procs.Server]:
-    try:
-        server.wait_ready(ready, timeout)
-        yield server
-    finally:
-        server.stop()
-
-
 def run(b: Bench, opts: PacedOptions) -> None:
     """The paced scenario for the paths of `b.opts.groups` (direct always: it is the baseline)."""
     runner = Runner(b, opts)
@@ -459,7 +450,7 @@ def run(b: Bench, opts: PacedOptions) -> None:
             server = procs.start(
                 "floor-paced", cmd, port=port, core=procs.SERVER_CORE, log_dir=b.log_dir, env=env, cwd=ROOT
             )
-            stack.enter_context(_server(server, "/healthz", 30))
+            stack.enter_context(procs.running(server, "/healthz", 30))
             targets.append(PacedTarget(FLOOR, port, "/paced", {}, last, server.pids))
         if "chatgate" in b.opts.groups:
             if opts.baseline:
@@ -492,7 +483,7 @@ def _chatgate(b: Bench, stack: contextlib.ExitStack, tokens: int, source: Path |
     server = procs.start(
         name, chatgate_env.serve_command(), port=port, core=procs.SERVER_CORE, log_dir=b.log_dir, env=env, cwd=data_dir
     )
-    stack.enter_context(_server(server, "/healthz", 60))
+    stack.enter_context(procs.running(server, "/healthz", 60))
     custom = {"chatSettings": {"model": "bench-model", "temperature": 0.5}, "messages": CHAT, "customModelId": model}
     last = f"tok{tokens - 1}"
     suffix = BASE if source else ""
@@ -509,7 +500,7 @@ def _litellm(b: Bench, runner: Runner, direct: PacedTarget) -> None:
         return
     server = litellm_env.start(installed, "litellm-paced", b.log_dir, b.upstream.port)
     port = server.port
-    with _server(server, "/health/liveliness", 180):
+    with procs.running(server, "/health/liveliness", 180):
         t = PacedTarget(LITELLM, port, "/v1/chat/completions", _openai("bench-paced"), "data: [DONE]", server.pids)
         runner.baseline(t)
         # LiteLLM saturates its core early: it stops at its first failing step, whatever the step.

@@ -14,7 +14,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,3 +247,13 @@ def start(
             start_new_session=True,
         )
     return Server(name, port, proc, log)
+
+
+@contextlib.contextmanager
+def running(server: Server, ready_path: str, timeout: float) -> Iterator[Server]:
+    """Wait until `server` answers `ready_path`, yield it, and stop it however the block ends."""
+    try:
+        server.wait_ready(ready_path, timeout)
+        yield server
+    finally:
+        server.stop()
