@@ -207,6 +207,19 @@ def usage_row(
     }
 
 
+def model_row(model: uuid.UUID, user: uuid.UUID, name: str) -> dict[str, Any]:
+    empty = {"api_key": "", "base_url": "", "description": ""}
+    return {"id": model, "user_id": user, **empty, "model_id": "m", "name": name}
+
+
+async def _store(engine: AsyncEngine, rows: list[dict[str, Any]], model: dict[str, Any]) -> None:
+    """A migrated database holding these usage rows and this model."""
+    await db.upgrade(engine)
+    async with engine.begin() as conn:
+        await conn.execute(usage_table.insert(), rows)
+        await conn.execute(models_table.insert(), [model])
+
+
 def test_summary_per_model_and_day_in_sql(database_url: str) -> None:
     a, b = uuid.uuid4(), uuid.uuid4()
     day = datetime(2025, 3, 1, 12, tzinfo=UTC)
@@ -219,23 +232,7 @@ def test_summary_per_model_and_day_in_sql(database_url: str) -> None:
     ]
 
     async def go(engine: AsyncEngine) -> Any:
-        await db.upgrade(engine)
-        async with engine.begin() as conn:
-            await conn.execute(usage_table.insert(), rows)
-            await conn.execute(
-                models_table.insert(),
-                [
-                    {
-                        "id": a,
-                        "user_id": uuid.uuid4(),
-                        "api_key": "",
-                        "base_url": "",
-                        "description": "",
-                        "model_id": "m",
-                        "name": "model-a",
-                    }
-                ],
-            )
+        await _store(engine, rows, model_row(a, uuid.uuid4(), "model-a"))
         return await summarize_usage(engine), await summarize_usage(engine, model=str(b))
 
     summaries, only_b = _with_engine(database_url, go)
@@ -273,23 +270,7 @@ def test_summary_keeps_exact_time_bounds_and_filters(database_url: str) -> None:
     rows += [usage_row(a, day + timedelta(hours=12, minutes=30)) | {"user_id": other}]
 
     async def go(engine: AsyncEngine) -> Any:
-        await db.upgrade(engine)
-        async with engine.begin() as conn:
-            await conn.execute(usage_table.insert(), rows)
-            await conn.execute(
-                models_table.insert(),
-                [
-                    {
-                        "id": a,
-                        "user_id": me,
-                        "api_key": "",
-                        "base_url": "",
-                        "description": "",
-                        "model_id": "m",
-                        "name": "mine",
-                    }
-                ],
-            )
+        await _store(engine, rows, model_row(a, me, "mine"))
         since, until = day + timedelta(hours=6), day + timedelta(hours=18)
         return (
             await summarize_usage(engine, since=since, until=until),
