@@ -92,7 +92,7 @@ def relayed(*reads: bytes, api_key: str = "") -> tuple[bytes, ChatTrace, BaseExc
     async def send(message: dict[str, Any]) -> None:
         sent.append(message.get("body", b""))
 
-    relay = _StreamRelay(send, trace, [], strip_usage=False, api_key=api_key)
+    relay = _StreamRelay(send, None, trace, [], strip_usage=False, api_key=api_key)
     try:
         asyncio.run(relay(Reads(*reads)))  # type: ignore[arg-type]
     except ChatgateError as exc:

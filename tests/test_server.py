@@ -25,10 +25,12 @@ from chatgate.api.asgi import (
     ABORT_EXTENSION,
     BODY_TIMEOUT_EXTENSION,
     DISCONNECT_EXTENSION,
+    WRITE_EXTENSION,
     Receive,
     Scope,
     Send,
     abort_response,
+    body_writer,
 )
 from chatgate.server import MAX_HEAD_BYTES, TESTED_UVICORN, GuardedHttpToolsProtocol, uvicorn_problem
 
@@ -292,9 +294,12 @@ def test_extensions_are_merged_into_what_uvicorn_puts_there(monkeypatch: pytest.
 
     monkeypatch.setattr(HttpToolsProtocol, "on_message_begin", with_extensions)
 
+    final_extensions: dict[str, Any] = {}
+
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         seen.append(dict(scope["extensions"]))
         await echo_length(scope, receive, send)
+        final_extensions.update(scope["extensions"])
 
     async def main() -> None:
         conn = Connection(app)
@@ -304,7 +309,9 @@ def test_extensions_are_merged_into_what_uvicorn_puts_there(monkeypatch: pytest.
 
     run(main)
     (extensions,) = seen
-    assert {"http.response.trailers", DISCONNECT_EXTENSION, BODY_TIMEOUT_EXTENSION, ABORT_EXTENSION} <= set(extensions)
+    assert {"http.response.trailers", DISCONNECT_EXTENSION, BODY_TIMEOUT_EXTENSION} <= set(extensions)
+    # Set with the head, for the request whose response they write or end.
+    assert {ABORT_EXTENSION, WRITE_EXTENSION} <= set(final_extensions)
 
 
 async def aborting_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -358,6 +365,122 @@ def test_abort_after_a_complete_response_does_nothing() -> None:
         conn.lose()
 
     run(main)
+
+
+def chunked_app(pieces: list[bytes], written: set[int]) -> ASGIApp:
+    """Streams `pieces` as a chunked body: those whose index is in `written` through the write
+    extension, the others through `send`."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        write = body_writer(scope)
+        assert write is not None
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i, piece in enumerate(pieces):
+            if not (i in written and write(piece)):
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+def wire(app: ASGIApp) -> bytes:
+    async def main() -> bytes:
+        conn = Connection(app)
+        conn.feed(request())
+        async with asyncio.timeout(5):
+            while not conn.transport.buffer.endswith(b"0\r\n\r\n"):
+                await asyncio.sleep(0.001)
+        conn.lose()
+        return conn.transport.buffer
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("written", [set(), {0, 1, 2, 3, 4}, {1, 3}, {0, 4}])
+def test_the_write_extension_puts_on_the_wire_what_send_would(written: set[int]) -> None:
+    """The oracle is uvicorn's own `send`: the same pieces, however they are split between the
+    two, give the same bytes (chunk sizes in hex, a 1-byte and a 4 KiB piece, UTF-8)."""
+    pieces = [b"a", b"x" * 4096, "h\u00e9llo \u2014 \U0001f600".encode(), b"\r\n0\r\n\r\n", b"z" * 255]
+    assert wire(chunked_app(pieces, written)) == wire(chunked_app(pieces, set()))
+
+
+def test_the_write_extension_declines_whenever_send_must_write() -> None:
+    """Nothing is written when it returns False: before the head, with a Content-Length body,
+    an empty piece, a client paused for writing, after the end, after the client left."""
+    answers: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        write = body_writer(scope)
+        assert write is not None
+        answers.append(write(b"too early"))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        answers.append(write(b""))
+        protocol.pause_writing()
+        answers.append(write(b"paused"))
+        protocol.resume_writing()
+        answers.append(write(b"ok"))
+        await send({"type": "http.response.body", "body": b""})
+        answers.append(write(b"after the end"))
+
+    protocol: Any = None
+
+    async def main() -> bytes:
+        nonlocal protocol
+        conn = Connection(app)
+        protocol = conn.protocol
+        conn.feed(request())
+        async with asyncio.timeout(5):
+            while len(answers) < 5:
+                await asyncio.sleep(0.001)
+        conn.lose()
+        return conn.transport.buffer
+
+    received = asyncio.run(main())
+    assert answers == [False, False, False, True, False]
+    assert received.endswith(b"\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    assert b"paused" not in received and b"too early" not in received and b"after the end" not in received
+
+
+def test_the_write_extension_declines_a_body_with_a_length_and_a_client_that_left() -> None:
+    answers: list[bool] = []
+    left = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        write = body_writer(scope)
+        assert write is not None
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+        answers.append(write(b"abcd"))  # not chunked: `send` counts the length
+        await send({"type": "http.response.body", "body": b"abcd"})
+
+    async def chunked(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        write = body_writer(scope)
+        assert write is not None
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await left.wait()
+        answers.append(write(b"nobody reads this"))
+
+    async def main() -> tuple[bytes, bytes]:
+        first = Connection(app)
+        first.feed(request())
+        assert await first.responses(1) == [(200, b"abcd")]
+        first.lose()
+        second = Connection(chunked)
+        second.feed(request())
+        await asyncio.sleep(0.01)
+        second.lose()
+        left.set()
+        async with asyncio.timeout(5):
+            while len(answers) < 2:
+                await asyncio.sleep(0.001)
+        return first.transport.buffer, second.transport.buffer
+
+    _, second_wire = asyncio.run(main())
+    assert answers == [False, False]
+    assert b"nobody" not in second_wire
 
 
 # ----- the uvicorn range ----------------------------------------------------------------------

@@ -702,3 +702,123 @@ def test_a_refused_connect_tries_the_next_address() -> None:
         server.close()
 
     run(main())
+
+
+def test_a_pump_takes_reads_in_order_and_the_reader_gets_the_rest() -> None:
+    """Reads the sink takes never wake the reader; those it declines, and the end, reach the
+    reader in the order they came, and nothing is taken while an older read waits unread."""
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in (b"first", b"take 1", b"take 2", b"skip 3", b"take 4"):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.02)  # one read each
+        await release.wait()
+        writer.write(b"6\r\ntake 5\r\n0\r\n\r\n")
+        await writer.drain()
+
+    async def main() -> None:
+        server, url = await serve(handler)
+        pool = Pool(await loopback(), connect_timeout=2, idle_timeout=2)
+        response = await pool.request(url, b"", b"{}", first_byte_timeout=2)
+        taken: list[bytes] = []
+        read: list[bytes] = []
+
+        def sink(chunk: bytes) -> bool:
+            if chunk.startswith(b"take"):
+                taken.append(chunk)
+                return True
+            return False
+
+        read.append(await response.next_chunk() or b"")
+        response.pump(sink)
+        read.append(await response.next_chunk() or b"")  # woken by "skip 3" only
+        assert taken == [b"take 1", b"take 2"]
+        await asyncio.sleep(0.1)  # "take 4" arrives while nobody waits: queued, not taken
+        release.set()
+        read.append(await response.next_chunk() or b"")
+        read.append(await response.next_chunk() or b"")  # came with the end: the reader's
+        assert await response.next_chunk() is None
+        response.release()
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+        assert read == [b"first", b"skip 3", b"take 4", b"take 5"]
+        assert taken == [b"take 1", b"take 2"]
+
+    run(main())
+
+
+def test_what_a_pump_raises_is_raised_to_the_reader_and_the_connection_closed() -> None:
+    closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\none\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        writer.write(b"3\r\ntwo\r\n")
+        await writer.drain()
+        await reader.read()  # EOF: chatgate closed the connection
+        closed.set()
+
+    class Broken(Exception):
+        pass
+
+    def sink(chunk: bytes) -> bool:
+        raise Broken(chunk.decode())
+
+    async def main() -> None:
+        server, url = await serve(handler)
+        pool = Pool(await loopback(), connect_timeout=2, idle_timeout=2)
+        response = await pool.request(url, b"", b"{}", first_byte_timeout=2)
+        assert await response.next_chunk() == b"one"
+        response.pump(sink)
+        with pytest.raises(Broken, match="two"):
+            await response.next_chunk()
+        response.release()
+        await asyncio.wait_for(closed.wait(), 2)
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+    run(main())
+
+
+def test_a_released_answer_stops_its_pump_before_the_connection_is_reused() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"3\r\none\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(b"3\r\ntwo\r\n0\r\n\r\n")
+            await writer.drain()
+
+    async def main() -> None:
+        server, url = await serve(handler)
+        pool = Pool(await loopback(), connect_timeout=2, idle_timeout=2)
+        offered: list[bytes] = []
+
+        def sink(chunk: bytes) -> bool:
+            offered.append(chunk)
+            return False
+
+        first = await pool.request(url, b"", b"{}", first_byte_timeout=2)
+        first.pump(sink)
+        assert await first.read() == b"onetwo"
+        first.release()
+        offered.clear()
+        second = await pool.request(url, b"", b"{}", first_byte_timeout=2)
+        assert await second.read() == b"onetwo"
+        second.release()
+        assert offered == []  # the first answer's pump went with it
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+    run(main())

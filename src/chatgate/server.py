@@ -31,7 +31,13 @@ import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from chatgate.api.asgi import ABORT_EXTENSION, BODY_TIMEOUT_EXTENSION, DISCONNECT_EXTENSION, DisconnectSignal
+from chatgate.api.asgi import (
+    ABORT_EXTENSION,
+    BODY_TIMEOUT_EXTENSION,
+    DISCONNECT_EXTENSION,
+    WRITE_EXTENSION,
+    DisconnectSignal,
+)
 from chatgate.config import Settings
 
 log = logging.getLogger("chatgate")
@@ -82,6 +88,23 @@ def _abort(cycle: RequestResponseCycle) -> None:
     # uvicorn then takes the app's return for what it is, not as a bug to log at ERROR.
     cycle.disconnected = True
     cycle.transport.close()
+
+
+def _write_now(cycle: RequestResponseCycle, body: bytes) -> bool:
+    """Write one non-empty piece of a started chunked body as uvicorn's `send` would, but at
+    once; False, writing nothing, whenever `send` must do it: the response not started or
+    finished, not chunked, the client gone, or its connection paused for writing (`send` waits)."""
+    if (
+        cycle.flow.write_paused
+        or cycle.disconnected
+        or cycle.response_complete
+        or not cycle.response_started
+        or cycle.chunked_encoding is not True
+        or not body
+    ):
+        return False
+    cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+    return True
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -186,6 +209,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.scope is self.scope:  # not for an upgrade, which has no cycle
             extensions: Any = self.scope["extensions"]
             extensions[ABORT_EXTENSION] = partial(_abort, cycle)
+            extensions[WRITE_EXTENSION] = partial(_write_now, cycle)
 
     def on_message_complete(self) -> None:
         self._phase = _Phase.IDLE  # what arrives next on this connection is the next request's head

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from chatgate.api.asgi import Receive, Scope, Send
+from chatgate.api.asgi import Receive, Scope, Send, body_writer
 from chatgate.api.openapi import error_response
 from chatgate.api.relay import Relay, admit_chat, incomplete, require_event_stream, run_chat
 from chatgate.errors import BadRequest, ChatgateError, UpstreamProtocolError, UpstreamStatus
@@ -86,6 +86,30 @@ class CustomChat:
             finished = False
             # The last two reads: where a stream without [DONE] shows that it finished.
             previous = last = b""
+
+            def pump(chunk: bytes) -> bool:
+                """A read that is one text event, written from the connection's callback; False
+                for anything else (the loop below takes it), or when `send` must write."""
+                nonlocal previous, last
+                if write is None or not decoder.at_boundary or (data := one_event_data(chunk)) is None:
+                    return False
+                try:
+                    obj = orjson.loads(data)
+                    content = obj["choices"][0]["delta"]["content"]
+                except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+                    return False
+                if type(content) is not str or "usage" in obj:
+                    return False
+                if content:
+                    body = content.encode()
+                    if not write(body):
+                        return False
+                    trace.bytes_out += len(body)
+                previous, last = last, chunk
+                return True
+
+            write = body_writer(scope)
+            pumping = write is None  # until the first text is sent; never without a writer
             while (chunk := await response.next_chunk()) is not None:
                 previous, last = last, chunk
                 texts, finished = _read_texts(chunk, decoder, trace)
@@ -103,6 +127,9 @@ class CustomChat:
                         await send({"type": "http.response.body", "body": data, "more_body": not finished})
                         trace.bytes_out += len(data)
                         ended = finished
+                        if not pumping:
+                            pumping = True
+                            response.pump(pump)
                 if finished:
                     break
             if not finished:

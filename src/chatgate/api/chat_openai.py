@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from chatgate.api.asgi import Receive, Scope, Send
+from chatgate.api.asgi import BodyWriter, Receive, Scope, Send, body_writer
 from chatgate.api.openai_shapes import render_error as render_error  # app.py renders chat errors with it
 from chatgate.api.relay import admit_chat, incomplete, require_event_stream, run_chat
 from chatgate.errors import BadRequest, ChatgateError
@@ -126,6 +126,7 @@ class OpenAIChat:
         def relay_for(model: ModelRecord) -> _StreamRelay:
             return _StreamRelay(
                 send,
+                body_writer(scope),
                 trace,
                 headers(model),
                 strip_usage=not asked,
@@ -233,11 +234,22 @@ class _StreamRelay:
     """A streamed answer: the upstream's events as they arrive, ending with `data: [DONE]`; a
     stream that ends without [DONE] and without a finish_reason is a cut, ended with an error event."""
 
-    __slots__ = ("_errored", "_headers", "_key", "_masked", "_max_event_bytes", "_send", "_strip_usage", "_trace")
+    __slots__ = (
+        "_errored",
+        "_headers",
+        "_key",
+        "_masked",
+        "_max_event_bytes",
+        "_send",
+        "_strip_usage",
+        "_trace",
+        "_write",
+    )
 
     def __init__(
         self,
         send: Send,
+        write: BodyWriter | None,
         trace: ChatTrace,
         headers: list[tuple[bytes, bytes]],
         *,
@@ -246,6 +258,7 @@ class _StreamRelay:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self._send = send
+        self._write = write  # the server's synchronous writer (api/asgi.py), if it has one
         self._trace = trace
         self._headers = headers
         self._strip_usage = strip_usage
@@ -269,6 +282,19 @@ class _StreamRelay:
         # nothing has reached the client and a failing model can still fail over.
         early: list[bytes] = []
         early_size = 0
+        write = self._write
+
+        def pump(chunk: bytes) -> bool:
+            """A read of whole events with nothing to look into, written from the connection's
+            callback; False for anything else (the loop below takes it), or when `send` must write."""
+            nonlocal previous, last
+            if write is None or not framer.passes_whole(chunk) or _worth_a_look(chunk) or not write(chunk):
+                return False
+            trace.bytes_out += len(chunk)
+            previous, last = last, chunk
+            return True
+
+        pumping = write is None  # until the answer has begun; never without a writer
         while (chunk := await response.next_chunk()) is not None:
             data = framer.feed(chunk)
             if data and _worth_a_look(data):
@@ -287,6 +313,9 @@ class _StreamRelay:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
                 trace.bytes_out += len(data)
                 previous, last = last, data
+                if not pumping:
+                    pumping = True
+                    response.pump(pump)
             if done:
                 break
         tail = b""

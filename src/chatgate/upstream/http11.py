@@ -193,6 +193,7 @@ class _Connection(asyncio.Protocol):
         self._idle_handle: asyncio.TimerHandle | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._answer_by: float | None = None
+        self._sink: Callable[[bytes], bool] | None = None
 
     # asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -226,8 +227,28 @@ class _Connection(asyncio.Protocol):
             self._fail(_head_too_large())
             self.close()
             return
-        # One wake-up per read, not per body piece the parser found in it.
         if self._chunks:
+            sink = self._sink
+            waiter = self._waiter
+            if (
+                sink is not None
+                and len(self._chunks) == 1  # nothing older is waiting to be read
+                and self.state is _BODY
+                and waiter is not None
+                and not waiter.done()
+            ):
+                try:
+                    taken = sink(self._chunks[0])
+                except Exception as exc:  # noqa: BLE001  # raised to the reader, as a Future does
+                    self._chunks.clear()
+                    self._fail(exc)
+                    self.close()
+                    return
+                if taken:
+                    self._chunks.clear()
+                    self._buffered = 0
+                    return
+            # One wake-up per read, not per body piece the parser found in it.
             if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
                 self._paused = True
                 self.transport.pause_reading()
@@ -379,6 +400,14 @@ class _Connection(asyncio.Protocol):
             self._deadline.cancel()
             self._deadline = None
 
+    def pump(self, sink: Callable[[bytes], bool] | None) -> None:
+        """Offer each read to `sink` as it arrives, while the reader waits in `read()` with nothing
+        unread; a read the sink takes (True) is not queued, so the reader does not wake up for it.
+        What the sink declines, and the end, an error or a timeout, reach the reader as before, in
+        order. The sink runs inside `data_received`: it must not block, and what it raises is
+        raised to the reader. `pump(None)` stops it; so does the end of the exchange."""
+        self._sink = sink
+
     async def read(self) -> bytes | None:
         """Everything received since the last call, waiting if there is nothing yet; None at the end."""
         while True:
@@ -440,6 +469,11 @@ class Response:
     def text_arrived(self) -> None:
         self._conn.text_arrived()
 
+    def pump(self, sink: Callable[[bytes], bool] | None) -> None:
+        """Relay reads from the connection's callback while the reader waits (`_Connection.pump`):
+        a relayed event then costs no task switch."""
+        self._conn.pump(sink)
+
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
             if key == name:
@@ -471,6 +505,7 @@ class Response:
         if self._released:
             return
         self._released = True
+        self._conn.pump(None)
         self._pool._give_back(self._conn)
 
 

@@ -279,6 +279,11 @@ class EventFramer:
         self._edge = b""
         self._limit = max_event_bytes
 
+    def passes_whole(self, chunk: bytes) -> bool:
+        """Whether `feed(chunk)` would return `chunk` itself and hold nothing: whole events,
+        nothing held from before (nearly every read of a real server)."""
+        return not self._held and chunk.endswith(_EVENT_ENDS)
+
     def feed(self, chunk: bytes) -> bytes:
         if not self._held:
             if chunk.endswith(_EVENT_ENDS):  # what real servers write: whole events per read
