@@ -46,6 +46,7 @@ class Options:
     hold_route: str
     backends: tuple[str, ...]
     metrics_off: bool
+    metrics_aa: bool
     litellm_hold: int
     slow_delay: float
     poll_idle: bool
@@ -77,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="skip the second chatgate with CHATGATE_METRICS=false (what counting a chat costs)",
     )
     ap.add_argument(
+        "--metrics-aa",
+        action="store_true",
+        help="run the second chatgate with metrics on too (an A/A control): the difference the method "
+        "itself shows between two like servers, to read the metrics-off figure against",
+    )
+    ap.add_argument(
         "--backends",
         default="sqlite,postgresql",
         help="comma-separated databases chatgate runs on: sqlite, postgresql (with Redis; "
@@ -103,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     ap.add_argument("--paced-tokens", type=int, help="tokens of a paced stream (default 256, quick 64)")
     ap.add_argument("--paced-rate", type=float, default=50.0, help="tokens per second of a paced stream")
     ap.add_argument("--paced-concurrency", help="concurrent paced streams, repeated --reps times (default 64,256,1024)")
-    ap.add_argument("--paced-ladder", help="capacity steps, run once each (default 64,128,256,512,1024)")
+    ap.add_argument("--paced-ladder", help="capacity steps, run once each (default 64,128,256,512,1024,2048)")
     ap.add_argument("--paced-window", type=float, help="measured seconds per step, after a ramp of one stream")
     ap.add_argument("--paced-bisect", type=int, help="bisection steps after the ladder (default 1, quick 0)")
     ap.add_argument(
@@ -138,6 +145,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         hold_route=a.hold_route,
         backends=backends,
         metrics_off=not a.no_metrics_off,
+        metrics_aa=a.metrics_aa,
         litellm_hold=a.litellm_hold,
         slow_delay=a.slow_delay,
         poll_idle=not a.let_idle_halt,
@@ -381,15 +389,18 @@ def run_chatgate_on(b: Bench, label: str, database_url: str | None) -> None:
             off = _prepare_chatgate(b, off_port)
             if off is not None:
                 off_dir, off_env, off_models, off_headers = off
+                aa = b.opts.metrics_aa
                 off_server = procs.start(
-                    "chatgate-metrics-off", chatgate_env.serve_command(), port=off_port, core=procs.SERVER_CORE,
-                    log_dir=b.log_dir, env={**off_env, "CHATGATE_METRICS": "false"}, cwd=off_dir,
+                    "chatgate-metrics-" + ("aa" if aa else "off"), chatgate_env.serve_command(), port=off_port,
+                    core=procs.SERVER_CORE, log_dir=b.log_dir, env={**off_env, "CHATGATE_METRICS": str(aa).lower()},
+                    cwd=off_dir,
                 )  # fmt: skip
                 stack.enter_context(procs.running(off_server, "/healthz", 60))
                 pids = tuple(off_server.pids)
+                label = report.METRICS_AA_LABEL if aa else report.METRICS_OFF_LABEL
                 off_targets = [
                     replace(t, pids=pids, hold_streams=0)
-                    for t in _chatgate_targets(b, report.METRICS_OFF_LABEL, off_port, off_models, off_headers, 0)
+                    for t in _chatgate_targets(b, label, off_port, off_models, off_headers, 0)
                 ]
                 targets = [t for pair in zip(targets, off_targets, strict=True) for t in pair]
         b.measure(targets, server.pids)
@@ -431,13 +442,7 @@ def run_chatgate_workers(b: Bench) -> None:
         log_dir=b.log_dir, env=env, cwd=data_dir,
     )  # fmt: skip
     with procs.running(server, "/healthz", 60):
-        deadline = time.monotonic() + 60
-        while len(server.pids) < workers + 1:  # the supervisor and every worker, to count their CPU
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name}: {len(server.pids) - 1} of {workers} workers started")
-            time.sleep(0.2)
-            server.pids = procs.children_of(server.proc.pid)
-        time.sleep(2.0)  # every worker listening, not only started
+        procs.await_workers(server, workers)
         target = Target(
             name, port, "/api/chat/custom", custom_body(models.fast), f"tok{b.opts.chunks - 1}",
             "/api/chat/custom", custom_body(models.slow), None, b.upstream.port, 0, headers, spread=True,
@@ -479,6 +484,7 @@ RUNNERS: dict[str, Callable[[Bench], None]] = {
 PATH_ORDER = (
     "direct", "floor", "chatgate custom", "chatgate v1",
     f"chatgate custom{report.METRICS_OFF_LABEL}", f"chatgate v1{report.METRICS_OFF_LABEL}",
+    f"chatgate custom{report.METRICS_AA_LABEL}", f"chatgate v1{report.METRICS_AA_LABEL}",
     *(f"chatgate {route}{label}" for label in list(chatgate_env.BACKENDS.values())[1:] for route in ("custom", "v1")),
     "litellm",
 )  # fmt: skip

@@ -8,7 +8,7 @@ per token, and its cost per relayed event decides how many users one core serves
   routes) and LiteLLM relay the upstream's; *direct* reads the upstream itself;
 - `bench.paced_load` holds C such streams at once, started evenly over one stream's duration,
   and times every read;
-- each concurrency of a ladder (64, 128, 256, 512, 1,024 by default) is run for every path, the
+- each concurrency of a ladder (64, 128, 256, 512, 1,024, 2,048 by default) is run for every path, the
   paths interleaved (floor, chatgate custom, chatgate v1 take turns, each against a server that
   stays up), so that load elsewhere on the machine falls on all of them alike.
 
@@ -59,7 +59,7 @@ class PacedOptions:
     tokens: int = 256
     rate: float = 50.0  # tokens per second
     concurrency: tuple[int, ...] = (64, 256, 1024)  # the issue's; repeated `reps` times
-    ladder: tuple[int, ...] = (64, 128, 256, 512, 1024)  # capacity steps (once each, if not above)
+    ladder: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)  # capacity steps (once each, if not above)
     litellm_ladder: tuple[int, ...] = (4, 8, 16, 32, 64)
     window: float = 3.0
     reps: int = 3
@@ -339,6 +339,7 @@ class PacedTarget:
     expect_tail: str
     pids: list[int]
     headers: dict[str, str] = field(default_factory=dict)
+    spread: bool = False  # the server runs on both cores (`serve --workers N`), beside the client
 
 
 class Runner:
@@ -356,7 +357,7 @@ class Runner:
             "port": t.port, "path": t.path, "body": json.dumps(t.body), "concurrency": c,
             "ramp": self.opts.duration, "window": self.opts.window, "headers": t.headers,
             "expect_tail": t.expect_tail, "watch_pids": t.pids, "aux_pids": [] if t.name == DIRECT else upstream,
-            "core_pids": {procs.SERVER_CORE: server, procs.CLIENT_CORE: upstream},
+            "core_pids": {procs.SERVER_CORE: server, procs.CLIENT_CORE: upstream + (server if t.spread else [])},
         }  # fmt: skip
         cmd = ["taskset", "-c", procs.CLIENT_CORE, sys.executable, "-m", "bench.paced_load", json.dumps(spec)]
         timeout = self.opts.duration + self.opts.window + 120
@@ -456,6 +457,8 @@ def run(b: Bench, opts: PacedOptions) -> None:
             if opts.baseline:
                 targets.extend(_chatgate(b, stack, opts.tokens, Path(opts.baseline)))
             targets.extend(_chatgate(b, stack, opts.tokens))
+        if "workers" in b.opts.groups:
+            targets.extend(_chatgate(b, stack, opts.tokens, workers=b.opts.workers))
         for t in targets:
             runner.baseline(t)
         print(f"  paced: {opts.tokens} tokens at {opts.rate:g}/s, steps {', '.join(map(str, opts.ladder))}", flush=True)
@@ -465,8 +468,12 @@ def run(b: Bench, opts: PacedOptions) -> None:
     b.paced_idle_rss_kb = runner.idle_rss_kb
 
 
-def _chatgate(b: Bench, stack: contextlib.ExitStack, tokens: int, source: Path | None = None) -> list[PacedTarget]:
-    """chatgate serving both routes; from `source`/src instead of this tree when given."""
+def _chatgate(
+    b: Bench, stack: contextlib.ExitStack, tokens: int, source: Path | None = None, workers: int = 1
+) -> list[PacedTarget]:
+    """chatgate serving both routes; from `source`/src instead of this tree when given. With
+    `workers` above one, `serve --workers N` on both cores, beside the client, and its custom
+    route only (`chatgate custom wN`): its capacity beside the one pinned process's."""
     data_dir = Path(tempfile.mkdtemp(prefix="chatgate-bench-paced-"))
     port = procs.free_port()
     env = {**os.environ, **chatgate_env.env(data_dir, port)}
@@ -479,13 +486,18 @@ def _chatgate(b: Bench, stack: contextlib.ExitStack, tokens: int, source: Path |
     except chatgate_env.ChatgateUnavailable as exc:
         b.notes.append(f"paced: chatgate not available: {str(exc).splitlines()[0]}")
         return []
-    name = "chatgate-paced" + ("-base" if source else "")
+    name = "chatgate-paced" + ("-base" if source else "") + (f"-w{workers}" if workers > 1 else "")
+    core = f"{procs.SERVER_CORE},{procs.CLIENT_CORE}" if workers > 1 else procs.SERVER_CORE
     server = procs.start(
-        name, chatgate_env.serve_command(), port=port, core=procs.SERVER_CORE, log_dir=b.log_dir, env=env, cwd=data_dir
+        name, chatgate_env.serve_command(workers), port=port, core=core, log_dir=b.log_dir, env=env, cwd=data_dir
     )
     stack.enter_context(procs.running(server, "/healthz", 60))
     custom = {"chatSettings": {"model": "bench-model", "temperature": 0.5}, "messages": CHAT, "customModelId": model}
     last = f"tok{tokens - 1}"
+    if workers > 1:
+        procs.await_workers(server, workers)
+        spread = PacedTarget(f"{CUSTOM} w{workers}", port, "/api/chat/custom", custom, last, server.pids, headers, True)
+        return [spread]
     suffix = BASE if source else ""
     return [
         PacedTarget(CUSTOM + suffix, port, "/api/chat/custom", custom, last, server.pids, headers),

@@ -222,6 +222,18 @@ class NoIdleHalt:
             self._fd = None
 
 
+def await_workers(server: Server, workers: int, timeout: float = 60.0) -> None:
+    """Wait until `server` (a `serve --workers N` supervisor) has forked every worker, and take
+    them into `server.pids`, so that their CPU is counted."""
+    deadline = time.monotonic() + timeout
+    while len(server.pids) < workers + 1:  # the supervisor and every worker
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.name}: {len(server.pids) - 1} of {workers} workers started")
+        time.sleep(0.2)
+        server.pids = children_of(server.proc.pid)
+    time.sleep(2.0)  # every worker listening, not only started
+
+
 def start(
     name: str,
     cmd: Sequence[str],

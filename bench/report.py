@@ -16,6 +16,7 @@ CHATGATE_PATHS = ("chatgate custom", "chatgate v1")
 PG_LABEL = " (pg+redis)"  # the same routes with PostgreSQL + Redis behind them (`--backends`)
 # The same routes on a second chatgate with CHATGATE_METRICS=false, measured in turn with the first.
 METRICS_OFF_LABEL = " (metrics off)"
+METRICS_AA_LABEL = " (metrics on, A/A)"  # `--metrics-aa`: a second server like the first
 METRICS_BUDGET = 1.03  # issue 11: CPU per request with metrics on within 3% of off
 SCENARIOS = {"c1": "32 chunks, concurrency 1", "c64": "32 chunks, concurrency 64", "hold": "hold (slow upstream)"}
 DOC_START, DOC_END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
@@ -246,6 +247,14 @@ def targets(figs: dict[tuple[str, str], Figures], hold_goal: int) -> list[str]:
                 f"{hold.values['errors']} errors, {_f(per, 1)} KB RSS per stream above idle (≤ 50)"
             )
     for route in CHATGATE_PATHS:
+        on, twin = figs.get((route, "c64")), figs.get((route + METRICS_AA_LABEL, "c64"))
+        if on is not None and twin is not None:
+            cpu, twin_cpu = on.get("cpu_ms_per_req"), twin.get("cpu_ms_per_req")
+            ratio = cpu / twin_cpu if cpu and twin_cpu else None
+            lines.append(
+                f"- {verdict(None)} {route}: A/A control, two servers with metrics on: CPU per request "
+                f"{_f(cpu, 3)} and {_f(twin_cpu, 3)} ms, {_f(ratio, 3)}x (c64; the method's own difference)"
+            )
         on, off = figs.get((route, "c64")), figs.get((route + METRICS_OFF_LABEL, "c64"))
         if on is not None and off is not None:
             cpu, off_cpu = on.get("cpu_ms_per_req"), off.get("cpu_ms_per_req")
