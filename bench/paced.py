@@ -145,11 +145,21 @@ def added(fig: dict[str, Any], direct: dict[str, Any] | None, name: str) -> floa
     return float(fig[name]) - float(direct[name])
 
 
-def passes(fig: dict[str, Any], direct: dict[str, Any] | None, limit_ms: float = GAP_LIMIT_MS) -> bool | None:
-    """Whether a step is sustained: added gap P99 within the limit and no errors (None: no direct)."""
+def passes(
+    fig: dict[str, Any], direct: dict[str, Any] | None, rate: float | None = None, limit_ms: float = GAP_LIMIT_MS
+) -> bool | None:
+    """Whether a step is sustained: added gap P99 within the limit, no errors, and (given the
+    `rate`) every event due relayed. None when it cannot be judged: no direct figure, or direct
+    itself fell behind the pace (the client core could not carry the step; a path compared with
+    a late direct would pass on direct's lateness)."""
     gap = added(fig, direct, "gap_p99_ms")
-    if gap is None:
+    if gap is None or direct is None:
         return None
+    if rate is not None:
+        if not kept_pace(direct, rate):
+            return None
+        if not kept_pace(fig, rate):
+            return False
     return gap <= limit_ms and fig["errors"] == 0
 
 
@@ -207,7 +217,7 @@ def table(figs: dict[tuple[str, int], dict[str, Any]], idle_rss_kb: dict[str, in
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in sorted({c for _, c in figs}):
         direct, floor = figs.get((DIRECT, c)), figs.get((FLOOR, c))
-        for path in PATHS:
+        for path in _paths(figs):
             f = figs.get((path, c))
             if f is None:
                 continue
@@ -229,20 +239,31 @@ def table(figs: dict[tuple[str, int], dict[str, Any]], idle_rss_kb: dict[str, in
     return "\n".join(lines)
 
 
-def capacities(figs: dict[tuple[str, int], dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per path: its capacity, the first failing step, and whether the client core was saturated."""
+def capacities(figs: dict[tuple[str, int], dict[str, Any]], rate: float | None = None) -> dict[str, dict[str, Any]]:
+    """Per path: its capacity, the first failing step, whether the client core was saturated, and
+    the steps not judged because direct fell behind the pace there."""
     out: dict[str, dict[str, Any]] = {}
-    for path in PATHS:
+    for path in _paths(figs):
         if path == DIRECT:
             continue
         steps = {c: f for (p, c), f in figs.items() if p == path}
-        if not steps:
-            continue
-        verdicts = {c: passes(f, figs.get((DIRECT, c))) for c, f in steps.items()}
+        verdicts = {c: passes(f, figs.get((DIRECT, c)), rate) for c, f in steps.items()}
         best, fail = capacity(verdicts)
         saturated = [c for c, f in steps.items() if f["client_core_busy"] > CLIENT_BUSY and (fail is None or c <= fail)]
-        out[path] = {"capacity": best, "first_fail": fail, "client_saturated_at": sorted(saturated)}
+        unjudged = [c for c, ok in verdicts.items() if ok is None and (fail is None or c < fail)]
+        out[path] = {
+            "capacity": best,
+            "first_fail": fail,
+            "client_saturated_at": sorted(saturated),
+            "unjudged": sorted(unjudged),
+        }
     return out
+
+
+def _paths(figs: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+    """The paths measured, in PATHS order, then any other (`chatgate custom w2`) by name."""
+    measured = {p for p, _ in figs}
+    return [p for p in PATHS if p in measured] + sorted(measured - set(PATHS))
 
 
 def capacity_lines(caps: dict[str, dict[str, Any]]) -> list[str]:
@@ -254,6 +275,9 @@ def capacity_lines(caps: dict[str, dict[str, Any]]) -> list[str]:
         if sat:
             steps = ", ".join(f"{c:,}" for c in sat)
             text += f"; the client core was saturated at {steps}: the capacity may be the client's"
+        if cap.get("unjudged"):
+            steps = ", ".join(f"{c:,}" for c in cap["unjudged"])
+            text += f"; not judged at {steps} streams, where direct itself fell behind the pace"
         lines.append(text)
     return lines
 
@@ -271,7 +295,7 @@ def targets(figs: dict[tuple[str, int], dict[str, Any]], main_c: Sequence[int], 
     def verdict(ok: bool | None) -> str:
         return "n/a " if ok is None else ("PASS" if ok else "FAIL")
 
-    caps = capacities(figs)
+    caps = capacities(figs, rate)
     floor_cap = caps.get(FLOOR, {}).get("capacity")
     ll_cap = caps.get(LITELLM, {}).get("capacity")
     for route in (CUSTOM, V1):
@@ -322,7 +346,7 @@ def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"**Capacity** (the largest number of concurrent {opts['rate']:g}-tokens/s streams on one core with "
             f"added gap P99 ≤ {GAP_LIMIT_MS:g} ms and no errors)",
             "",
-            *capacity_lines(capacities(figs)),
+            *capacity_lines(capacities(figs, opts["rate"])),
         ]
     )
 
@@ -395,12 +419,12 @@ class Runner:
             figs = medians(self.b.paced_runs)
             for t in targets:
                 f = figs.get((t.name, c))
-                if f is not None and passes(f, figs.get((DIRECT, c))) is False:
+                if f is not None and passes(f, figs.get((DIRECT, c)), self.opts.rate) is False:
                     failed.add(t.name)
         tries: dict[tuple[str, bool], int] = {}  # (path, below the ladder): steps taken
         for _ in range(self.opts.bisect + self.DOWN):
             figs = medians(self.b.paced_runs)
-            caps = capacities(figs)
+            caps = capacities(figs, self.opts.rate)
             todo = []
             for t in targets:
                 if t.name not in caps:

@@ -92,6 +92,16 @@ def test_midpoint_bisects_on_a_grain() -> None:
     assert paced.midpoint(None, 64) is None
 
 
+def test_a_step_behind_the_pace_fails_and_one_direct_could_not_carry_is_not_judged() -> None:
+    direct = {"gap_p99_ms": 21.0, "errors": 0, "concurrency": 64, "events_per_s": 3200.0}
+    kept = {"gap_p99_ms": 22.0, "errors": 0, "concurrency": 64, "events_per_s": 3190.0}
+    behind = {**kept, "events_per_s": 2800.0}  # its gap is fine, but it relayed 12% too few events
+    assert paced.passes(kept, direct, rate=50) is True
+    assert paced.passes(behind, direct, rate=50) is False
+    late_direct = {**direct, "events_per_s": 2000.0, "gap_p99_ms": 70.0}
+    assert paced.passes(kept, late_direct, rate=50) is None  # the client side could not carry it
+
+
 def test_after_the_ladder_a_failing_first_step_is_halved_else_bisected() -> None:
     assert paced.next_step(None, 64, 16) == 32
     assert paced.next_step(None, 1, 16) is None
@@ -189,6 +199,7 @@ class _FakeRunner(paced.Runner):
         self.steps.append((t.name, c))
         gap = 20.0 if t.name == "direct" or c <= self.caps[t.name] else 50.0
         run = _run(t.name, c, gap)
+        run["summary"]["events_per_s"] = c * self.opts.rate  # every path keeps the pace here
         self.b.paced_runs.append({**run, "rep": rep})
         return run["summary"]
 
