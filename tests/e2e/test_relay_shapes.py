@@ -92,6 +92,21 @@ def raw_chat(gateway: ChatgateServer, path: str, payload: dict[str, Any], *, slo
     return b"".join(parts)
 
 
+# Answer shapes: events, characters per delta, odd events among them, a slow reader.
+SHAPES = pytest.mark.parametrize(
+    ("count", "size", "odd_events", "slow"),
+    [(600, 8, True, False), (600, 8, True, True), (1500, 2048, False, True)],
+    ids=["600 tokens", "600 tokens, slow reader", "3 MB, slow reader"],
+)
+
+
+def register(gateway: ChatgateServer, fake: FakeUpstream, texts: list[str], *, odd_events: bool) -> str:
+    """A model whose upstream streams `texts`, one event per write; its chatgate id."""
+    name = unique_name("shapes")
+    fake.script(name, script(texts, odd_events=odd_events))
+    return gateway.add_model(base_url=fake.base_url, model_id=name, api_key="sk-shapes")
+
+
 def dechunk(response: bytes) -> tuple[bytes, bytes]:
     """The head and the de-chunked body; fails unless the body ends with its last chunk."""
     head, _, rest = response.partition(b"\r\n\r\n")
@@ -108,37 +123,25 @@ def dechunk(response: bytes) -> tuple[bytes, bytes]:
         rest = rest[size + 2 :]
 
 
-@pytest.mark.parametrize(
-    ("count", "size", "odd_events", "slow"),
-    [(600, 8, True, False), (600, 8, True, True), (1500, 2048, False, True)],
-    ids=["600 tokens", "600 tokens, slow reader", "3 MB, slow reader"],
-)
+@SHAPES
 def test_a_custom_answer_one_event_per_write_arrives_whole(
     gateway: ChatgateServer, fake: FakeUpstream, count: int, size: int, odd_events: bool, slow: bool
 ) -> None:
-    name = unique_name("shapes")
     texts = deltas(count, size, seed=count + size)
     texts[0] = "  \u3000 " + texts[0]  # the leading whitespace is trimmed, as chatbot-ui did
-    fake.script(name, script(texts, odd_events=odd_events))
-    model_id = gateway.add_model(base_url=fake.base_url, model_id=name, api_key="sk-shapes")
+    model_id = register(gateway, fake, texts, odd_events=odd_events)
     payload = {"chatSettings": {}, "messages": MESSAGES, "customModelId": model_id}
     head, body = dechunk(raw_chat(gateway, "/api/chat/custom", payload, slow=slow))
     assert head.startswith(b"HTTP/1.1 200 ")
     assert body.decode() == expected_text(texts, odd_events=odd_events).lstrip(JS_WHITESPACE)
 
 
-@pytest.mark.parametrize(
-    ("count", "size", "odd_events", "slow"),
-    [(600, 8, True, False), (600, 8, True, True), (1500, 2048, False, True)],
-    ids=["600 tokens", "600 tokens, slow reader", "3 MB, slow reader"],
-)
+@SHAPES
 def test_a_v1_stream_one_event_per_write_arrives_whole(
     gateway: ChatgateServer, fake: FakeUpstream, count: int, size: int, odd_events: bool, slow: bool
 ) -> None:
-    name = unique_name("shapes")
     texts = deltas(count, size, seed=count * size)
-    fake.script(name, script(texts, odd_events=odd_events))
-    model_id = gateway.add_model(base_url=fake.base_url, model_id=name, api_key="sk-shapes")
+    model_id = register(gateway, fake, texts, odd_events=odd_events)
     payload = {"model": model_id, "messages": MESSAGES, "stream": True}
     head, body = dechunk(raw_chat(gateway, "/v1/chat/completions", payload, slow=slow))
     assert head.startswith(b"HTTP/1.1 200 ")
