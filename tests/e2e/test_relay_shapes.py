@@ -44,10 +44,14 @@ def deltas(count: int, size: int, seed: int) -> list[str]:
 
 def script(texts: list[str], *, odd_events: bool) -> dict[str, Any]:
     """One event per write; with `odd_events`, every so often an event the pump declines (a
-    comment, an event with an extra field) or a pause, and the usage chunk at the end."""
+    comment, an event with an extra field), one with `"usage":null` (which it takes), or a pause;
+    and the usage chunk at the end."""
     steps: list[dict[str, Any]] = [{"role": "assistant"}]
     for i, text in enumerate(texts):
-        steps.append({"delta": text})
+        if odd_events and i % 10 == 3:  # as OpenAI writes every chunk once usage is asked for
+            steps.append({"event": {**_chunk(text), "usage": None}})
+        else:
+            steps.append({"delta": text})
         if odd_events and i % 50 == 7:
             steps.append({"send": ": keep-alive\n\n"})
         if odd_events and i % 50 == 23:
@@ -58,9 +62,12 @@ def script(texts: list[str], *, odd_events: bool) -> dict[str, Any]:
     return {"steps": steps}
 
 
+def _chunk(text: str) -> dict[str, Any]:
+    return {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}}]}
+
+
 def _delta_event(text: str) -> str:
-    chunk = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}}]}
-    return "data: " + json.dumps(chunk, separators=(",", ":"))
+    return "data: " + json.dumps(_chunk(text), separators=(",", ":"))
 
 
 def expected_text(texts: list[str], *, odd_events: bool) -> str:

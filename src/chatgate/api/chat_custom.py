@@ -98,8 +98,8 @@ class CustomChat:
                     content = obj["choices"][0]["delta"]["content"]
                 except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
                     return False
-                if type(content) is not str or "usage" in obj:
-                    return False
+                if type(content) is not str or obj.get("usage") is not None:
+                    return False  # (`"usage":null`, in every chunk OpenAI sends once asked for usage, is no usage)
                 if content:
                     body = content.encode()
                     if not write(body):
@@ -212,7 +212,7 @@ def _object_texts(objects: list[Any], trace: ChatTrace) -> list[str]:
             # The shape of nearly every event, read without the checks below (an exception is
             # cheaper than five isinstance calls when it is rare).
             content = obj["choices"][0]["delta"]["content"]
-            if type(content) is str and "usage" not in obj:
+            if type(content) is str and obj.get("usage") is None:
                 if content:
                     texts.append(content)
                 continue
