@@ -94,12 +94,11 @@ class CustomChat:
                 if write is None or not decoder.at_boundary or (data := one_event_data(chunk)) is None:
                     return False
                 try:
-                    obj = orjson.loads(data)
-                    content = obj["choices"][0]["delta"]["content"]
-                except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+                    content = _plain_text(orjson.loads(data))
+                except orjson.JSONDecodeError:
                     return False
-                if type(content) is not str or obj.get("usage") is not None:
-                    return False  # (`"usage":null`, in every chunk OpenAI sends once asked for usage, is no usage)
+                if content is None:
+                    return False
                 if content:
                     body = content.encode()
                     if not write(body):
@@ -208,20 +207,24 @@ def _object_texts(objects: list[Any], trace: ChatTrace) -> list[str]:
     """The delta texts of parsed events, in order; usage taken, in-band errors raised."""
     texts = []
     for obj in objects:
-        try:
-            # The shape of nearly every event, read without the checks below (an exception is
-            # cheaper than five isinstance calls when it is rare).
-            content = obj["choices"][0]["delta"]["content"]
-            if type(content) is str and obj.get("usage") is None:
-                if content:
-                    texts.append(content)
-                continue
-        except (KeyError, IndexError, TypeError):
-            pass
-        text = _delta_text(obj, trace)
+        text = _plain_text(obj)
+        if text is None:
+            text = _delta_text(obj, trace)
         if text:
             texts.append(text)
     return texts
+
+
+def _plain_text(obj: Any) -> str | None:
+    """The delta text of an event of the shape nearly every event has, read without the checks
+    `_delta_text` makes (an exception is cheaper than five isinstance calls when it is rare); None
+    for any other event. `"usage":null`, which OpenAI puts in every chunk once usage is asked
+    for, is no usage."""
+    try:
+        content = obj["choices"][0]["delta"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return content if type(content) is str and obj.get("usage") is None else None
 
 
 def _parse_event(data: bytes) -> object:
