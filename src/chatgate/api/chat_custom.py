@@ -108,7 +108,6 @@ class CustomChat:
                 return True
 
             write = body_writer(scope)
-            pumping = write is None  # until the first text is sent; never without a writer
             while (chunk := await response.next_chunk()) is not None:
                 previous, last = last, chunk
                 texts, finished = _read_texts(chunk, decoder, trace)
@@ -126,8 +125,7 @@ class CustomChat:
                         await send({"type": "http.response.body", "body": data, "more_body": not finished})
                         trace.bytes_out += len(data)
                         ended = finished
-                        if not pumping:
-                            pumping = True
+                        if write is not None:  # from the first text on (setting it again is free)
                             response.pump(pump)
                 if finished:
                     break

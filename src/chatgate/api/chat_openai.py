@@ -294,7 +294,6 @@ class _StreamRelay:
             previous, last = last, chunk
             return True
 
-        pumping = write is None  # until the answer has begun; never without a writer
         while (chunk := await response.next_chunk()) is not None:
             data = framer.feed(chunk)
             if data and _worth_a_look(data):
@@ -313,8 +312,7 @@ class _StreamRelay:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
                 trace.bytes_out += len(data)
                 previous, last = last, data
-                if not pumping:
-                    pumping = True
+                if write is not None:  # once the answer has begun (setting it again is free)
                     response.pump(pump)
             if done:
                 break
