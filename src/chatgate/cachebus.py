@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from chatgate.metrics import Metrics
+from chatgate.tasks import cancel_and_wait
 
 __all__ = ["CacheBus"]
 
@@ -153,8 +154,5 @@ class CacheBus:
     async def aclose(self) -> None:
         for task in list(self._pending):
             task.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from chatgate.errors import RateLimited
 from chatgate.metrics import Metrics
 from chatgate.security.limits import _UNLIMITED
+from chatgate.tasks import cancel_and_wait
 
 __all__ = ["RedisLimiter"]
 
@@ -197,8 +198,5 @@ class RedisLimiter:
 
     async def aclose(self) -> None:
         """Stop renewing leases (the slots of streams still open lapse by themselves)."""
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+        await cancel_and_wait(self._renewer)
+        self._renewer = None

@@ -37,6 +37,8 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from chatgate.tasks import cancel_and_wait
+
 __all__ = ["CHANNEL", "ChangeListener", "confirm_wait", "confirmed_everywhere"]
 
 log = logging.getLogger("chatgate.store")
@@ -202,11 +204,8 @@ class ChangeListener:
     async def aclose(self) -> None:
         for task in list(self._confirming):
             task.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 # This transaction's id, and the instances listening now (by the name each listener takes).
