@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -70,6 +71,22 @@ def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
         yield url
     finally:
         services.drop_database(url)
+
+
+@pytest.fixture
+def migrated_database_url(database_url: str) -> str:
+    """`database_url`, migrated to chatgate's latest schema."""
+    from chatgate.store import db
+
+    async def migrate() -> None:
+        engine = db.create_engine(database_url)
+        try:
+            await db.upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(migrate())
+    return database_url
 
 
 class Databases:

@@ -8,7 +8,6 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
 
 import asyncpg
 import pytest
@@ -22,21 +21,6 @@ from chatgate.store import db
 from chatgate.store.listener import APPLICATION_NAME, ChangeListener, confirm_wait
 
 pytestmark = [pytest.mark.postgres, pytest.mark.backends("postgresql")]
-
-
-@pytest.fixture
-def pg_url(backend: str, database_url: str) -> Iterator[str]:
-    """A migrated database of its own."""
-
-    async def migrate() -> None:
-        engine = db.create_engine(database_url)
-        try:
-            await db.upgrade(engine)
-        finally:
-            await engine.dispose()
-
-    asyncio.run(migrate())
-    yield database_url
 
 
 async def _sql(url: str, statement: str, *args: object) -> list[asyncpg.Record]:
@@ -65,9 +49,9 @@ async def _until(check: object, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
-def test_a_change_to_tokens_or_users_by_any_connection_is_heard(pg_url: str) -> None:
+def test_a_change_to_tokens_or_users_by_any_connection_is_heard(migrated_database_url: str) -> None:
     async def go() -> list[str]:
-        engine = db.create_engine(pg_url)
+        engine = db.create_engine(migrated_database_url)
         listener = ChangeListener(engine.url)
         heard: list[str] = []
         listener.start(lambda: heard.append("change"))
@@ -81,9 +65,9 @@ def test_a_change_to_tokens_or_users_by_any_connection_is_heard(pg_url: str) -> 
             await asyncio.sleep(0.2)
             assert heard == ["change"]  # inserts are not announced: nothing cached can be wrong
             # Revoked by another process's plain SQL: the trigger announces it, not chatgate's code.
-            await _sql(pg_url, "UPDATE chatgate_tokens SET revoked_at = now() WHERE id = $1", info.id)
+            await _sql(migrated_database_url, "UPDATE chatgate_tokens SET revoked_at = now() WHERE id = $1", info.id)
             await _until(lambda: len(heard) == 2)
-            await _sql(pg_url, "UPDATE chatgate_users SET is_admin = true")
+            await _sql(migrated_database_url, "UPDATE chatgate_users SET is_admin = true")
             await _until(lambda: len(heard) == 3)
             # A rolled-back change is never announced.
             async with engine.connect() as conn:
@@ -98,9 +82,11 @@ def test_a_change_to_tokens_or_users_by_any_connection_is_heard(pg_url: str) -> 
     assert asyncio.run(go()) == ["change"] * 3
 
 
-def test_the_cache_is_not_trusted_while_the_listener_is_down_and_is_dropped_when_it_is_back(pg_url: str) -> None:
+def test_the_cache_is_not_trusted_while_the_listener_is_down_and_is_dropped_when_it_is_back(
+    migrated_database_url: str,
+) -> None:
     async def go() -> None:
-        engine = db.create_engine(pg_url)
+        engine = db.create_engine(migrated_database_url)
         listener = ChangeListener(engine.url, reconnect_delay=1.5)
         cache = TokenCache(lambda: listener.listening)
         listener.start(cache.clear)
@@ -115,13 +101,13 @@ def test_the_cache_is_not_trusted_while_the_listener_is_down_and_is_dropped_when
 
             # The change goes unannounced (trigger off), as every change made while nobody
             # listens: the listener's backend is killed, then the token is revoked.
-            await _sql(pg_url, "ALTER TABLE chatgate_tokens DISABLE TRIGGER chatgate_tokens_notify")
-            assert await _terminate_listener(pg_url) == 1
+            await _sql(migrated_database_url, "ALTER TABLE chatgate_tokens DISABLE TRIGGER chatgate_tokens_notify")
+            assert await _terminate_listener(migrated_database_url) == 1
             await _until(lambda: not listener.listening, timeout=1.0)  # at once, not at the next ping
-            await _sql(pg_url, "UPDATE chatgate_tokens SET revoked_at = now() WHERE id = $1", info.id)
+            await _sql(migrated_database_url, "UPDATE chatgate_tokens SET revoked_at = now() WHERE id = $1", info.id)
             assert cache.get(token_hash(token)) is None  # the kept answer is not served...
             assert await accounts.principal_for_token(token) is None  # ...the database is read
-            await _sql(pg_url, "UPDATE chatgate_tokens SET revoked_at = NULL WHERE id = $1", info.id)
+            await _sql(migrated_database_url, "UPDATE chatgate_tokens SET revoked_at = NULL WHERE id = $1", info.id)
             assert await accounts.principal_for_token(token) is not None
             assert cache.get(token_hash(token)) is None  # nor is anything kept meanwhile
 
@@ -136,11 +122,11 @@ def test_the_cache_is_not_trusted_while_the_listener_is_down_and_is_dropped_when
     asyncio.run(go())
 
 
-def test_a_database_without_the_triggers_is_never_trusted(pg_url: str) -> None:
-    services.sql(pg_url, "DROP TRIGGER chatgate_tokens_notify ON chatgate_tokens")
+def test_a_database_without_the_triggers_is_never_trusted(migrated_database_url: str) -> None:
+    services.sql(migrated_database_url, "DROP TRIGGER chatgate_tokens_notify ON chatgate_tokens")
 
     async def go() -> bool:
-        engine = db.create_engine(pg_url)
+        engine = db.create_engine(migrated_database_url)
         listener = ChangeListener(engine.url, reconnect_delay=0.1)
         listener.start(lambda: None)
         try:
@@ -154,10 +140,10 @@ def test_a_database_without_the_triggers_is_never_trusted(pg_url: str) -> None:
 
 
 def test_a_revocation_on_this_instance_is_refused_at_once_and_an_answer_read_before_it_is_not_kept(
-    pg_url: str,
+    migrated_database_url: str,
 ) -> None:
     async def go() -> None:
-        engine = db.create_engine(pg_url)
+        engine = db.create_engine(migrated_database_url)
         listening = True
         cache = TokenCache(lambda: listening)
         accounts = Accounts(engine, cache=cache)
@@ -197,12 +183,14 @@ def test_token_cache_serves_nothing_when_not_listening() -> None:
     assert cache.get("h") is None
 
 
-def test_a_revocation_returns_only_once_every_listening_instance_has_dropped_the_token(pg_url: str) -> None:
+def test_a_revocation_returns_only_once_every_listening_instance_has_dropped_the_token(
+    migrated_database_url: str,
+) -> None:
     """The notification reaches a listener after the commit; the revoker (the CLI, another
     instance) waits for each listener's confirmation, so no next request can come before it."""
 
     async def go() -> None:
-        engine = db.create_engine(pg_url)
+        engine = db.create_engine(migrated_database_url)
         listener = ChangeListener(engine.url)
         heard: list[int] = []
         listener.start(lambda: heard.append(1))
@@ -224,11 +212,13 @@ def test_a_revocation_returns_only_once_every_listening_instance_has_dropped_the
 
 
 def test_an_instance_that_does_not_confirm_is_named_and_the_revocation_stands(
-    pg_url: str, caplog: pytest.LogCaptureFixture
+    migrated_database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def go() -> float:
-        engine = db.create_engine(pg_url)
-        silent = await asyncpg.connect(pg_url, server_settings={"application_name": f"{APPLICATION_NAME} 4242"})
+        engine = db.create_engine(migrated_database_url)
+        silent = await asyncpg.connect(
+            migrated_database_url, server_settings={"application_name": f"{APPLICATION_NAME} 4242"}
+        )
         await silent.add_listener("chatgate_tokens", lambda *_: None)  # hears, never confirms
         accounts = Accounts(engine)
         try:
@@ -289,16 +279,16 @@ class _Cut:
             await self.server.wait_closed()
 
 
-def test_a_silent_connection_is_distrusted_before_a_revocation_stops_waiting_for_it(pg_url: str) -> None:
+def test_a_silent_connection_is_distrusted_before_a_revocation_stops_waiting_for_it(migrated_database_url: str) -> None:
     """A cut that closes nothing: the listener hears no notification, sends no confirmation. The
     revocation waits `confirm_wait`; by then the cut instance no longer trusts its cache."""
 
     async def go() -> None:
-        engine = db.create_engine(pg_url)
-        target = sa.make_url(pg_url)
+        engine = db.create_engine(migrated_database_url)
+        target = sa.make_url(migrated_database_url)
         cut = _Cut(target.port or 5432)
         port = await cut.start()
-        listener = ChangeListener(db.async_url(pg_url).set(port=port), reconnect_delay=30)
+        listener = ChangeListener(db.async_url(migrated_database_url).set(port=port), reconnect_delay=30)
         accounts = Accounts(engine)  # the revoker, on a path that is not cut
         try:
             listener.start(lambda: None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -20,7 +19,6 @@ from tests.support.procs import REPO_ROOT
 from typer.testing import CliRunner
 
 from chatgate import __version__, cli
-from chatgate.store import db
 
 pytestmark = pytest.mark.e2e
 
@@ -291,15 +289,8 @@ def _fill_postgres(url: str) -> None:
     )
 
 
-def test_usage_of_a_million_chats_is_aggregated_in_sql(database_url: str, tmp_path: Path) -> None:
-    async def migrate() -> None:
-        engine = db.create_engine(database_url)
-        try:
-            await db.upgrade(engine)
-        finally:
-            await engine.dispose()
-
-    asyncio.run(migrate())
+def test_usage_of_a_million_chats_is_aggregated_in_sql(migrated_database_url: str, tmp_path: Path) -> None:
+    database_url = migrated_database_url
     (_fill_sqlite if database_url.startswith("sqlite") else _fill_postgres)(database_url)
 
     env = {"CHATGATE_DATABASE_URL": database_url, "CHATGATE_DATA_DIR": str(tmp_path)}
