@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import weakref
 from collections.abc import Callable, Coroutine
 from functools import partial
 from types import FrameType
@@ -81,21 +82,31 @@ class _HeadRefused(Exception):
     """Raised from a parser callback to stop parsing a head that is refused."""
 
 
-def _abort(cycle: RequestResponseCycle) -> None:
-    """End `cycle`'s response incomplete, on purpose: the client sees the connection close."""
-    if cycle.response_complete:
+# The request's extensions reach its cycle through a weak reference: the scope is the cycle's, so a
+# strong one would make each request a reference cycle (about 14 objects) that only the garbage
+# collector frees, and a stream that lives a few seconds leaves it in the oldest generation, where
+# every full collection scans it. The app holds the cycle's `send` for as long as it can call these.
+_CycleRef = weakref.ReferenceType[RequestResponseCycle]
+
+
+def _abort(cycle_ref: _CycleRef) -> None:
+    """End the cycle's response incomplete, on purpose: the client sees the connection close."""
+    cycle = cycle_ref()
+    if cycle is None or cycle.response_complete:
         return
     # uvicorn then takes the app's return for what it is, not as a bug to log at ERROR.
     cycle.disconnected = True
     cycle.transport.close()
 
 
-def _write_now(cycle: RequestResponseCycle, body: bytes) -> bool:
+def _write_now(cycle_ref: _CycleRef, body: bytes) -> bool:
     """Write one non-empty piece of a started chunked body as uvicorn's `send` would, but at
     once; False, writing nothing, whenever `send` must do it: the response not started or
     finished, not chunked, the client gone, or its connection paused for writing (`send` waits)."""
+    cycle = cycle_ref()
     if (
-        cycle.flow.write_paused
+        cycle is None
+        or cycle.flow.write_paused
         or cycle.disconnected
         or cycle.response_complete
         or not cycle.response_started
@@ -208,8 +219,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # not for an upgrade, which has no cycle
             extensions: Any = self.scope["extensions"]
-            extensions[ABORT_EXTENSION] = partial(_abort, cycle)
-            extensions[WRITE_EXTENSION] = partial(_write_now, cycle)
+            cycle_ref = weakref.ref(cycle)  # see _CycleRef
+            extensions[ABORT_EXTENSION] = partial(_abort, cycle_ref)
+            extensions[WRITE_EXTENSION] = partial(_write_now, cycle_ref)
 
     def on_message_complete(self) -> None:
         self._phase = _Phase.IDLE  # what arrives next on this connection is the next request's head

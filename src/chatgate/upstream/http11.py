@@ -150,6 +150,16 @@ class _Unsolicited(Exception):
     """Bytes after the end of the answer: the server is out of step, the connection is dead."""
 
 
+class _NoCallbacks:
+    """What a closed connection's parser reports to: nothing."""
+
+
+# The parser a connection holds once closed. Its own parser holds the connection's bound methods
+# (its callbacks), a reference cycle that only the garbage collector's full pass would free, with
+# everything the connection holds; dropping it frees a closed connection at once.
+_DETACHED = httptools.HttpResponseParser(_NoCallbacks())
+
+
 def _head_too_large() -> ProtocolError:
     return ProtocolError(f"the response head is larger than {MAX_HEAD // 1024} KiB")
 
@@ -268,6 +278,7 @@ class _Connection(asyncio.Protocol):
             reason = "was reset" if exc is not None else "was closed before the answer was complete"
             self._fail(TransportError(f"the connection {reason}", before_response=not self.got_bytes))
         self._cancel_timers()
+        self._parser = _DETACHED  # nothing more arrives: see _DETACHED
 
     def pause_writing(self) -> None:  # request bodies are small; nothing to pause
         pass
